@@ -1,0 +1,3 @@
+from .pipeline_mol import MoLPipeline, MoLPipelineOutput
+
+__all__ = ["MoLPipeline", "MoLPipelineOutput"]
