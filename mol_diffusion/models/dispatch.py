@@ -1,0 +1,125 @@
+"""Dispatch: run each routing group through its pool block once and scatter the results back.
+
+No Python loop runs over samples or tokens; the only loop is over the K pool blocks, and blocks
+that nobody chose are skipped. All results are gathered and scattered out of place, so autograd
+sees ordinary index operations.
+"""
+
+from typing import Callable, Sequence
+
+import torch
+
+from .blocks import MoLBlock, modulate
+
+# run_block(k, x, cond) applies pool block k; the model passes one that adds gradient checkpointing.
+RunBlock = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def scale_update(x: torch.Tensor, x_new: torch.Tensor, chosen_probs: torch.Tensor) -> torch.Tensor:
+    """Scale the residual update `x_new - x` by `1 + p - p.detach()`.
+
+    The forward value stays exactly `x_new` (the scale is 1), while the router probability p gets
+    the gradient `<x_new - x, dL/dx_new>`: the straight-through signal of hard routing.
+
+    Args:
+        x (`torch.Tensor`): Block input (B, T, D).
+        x_new (`torch.Tensor`): Block output (B, T, D).
+        chosen_probs (`torch.Tensor`): Probability of the chosen block, (B,) or (B, T).
+    """
+    p = chosen_probs.to(x_new.dtype)
+    p = p.view(*p.shape, *([1] * (x_new.dim() - p.dim())))  # (B, 1, 1) or (B, T, 1)
+    return x_new + (x_new - x) * (p - p.detach())
+
+
+def _group_sizes(indices: torch.Tensor, num_blocks: int) -> list[int]:
+    # One host sync per routing step; the sizes decide the Python-side split.
+    return torch.bincount(indices, minlength=num_blocks).tolist()
+
+
+def dispatch_samples(
+    run_block: RunBlock, num_blocks: int, indices: torch.LongTensor, x: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
+    """Apply block `indices[b]` to sample b, one block call per non-empty group.
+
+    Args:
+        run_block: Applies pool block k to (x, cond).
+        num_blocks (`int`): Pool size K.
+        indices (`torch.LongTensor`): Chosen block per sample (B,).
+        x (`torch.Tensor`): Activations (B, T, D).
+        cond (`torch.Tensor`): Per-sample block conditioning (B, D).
+
+    Returns:
+        `torch.Tensor` (B, T, D): each sample's output of its chosen block.
+    """
+    sizes = _group_sizes(indices, num_blocks)
+    batch_size = x.shape[0]
+    for block_index, size in enumerate(sizes):
+        if size == batch_size:
+            # Every sample chose the same block (always so for fixed routing): no gather needed.
+            return run_block(block_index, x, cond)
+
+    order = torch.argsort(indices, stable=True)  # (B,) samples grouped by block
+    inverse = torch.argsort(order)  # (B,) position of each sample in the grouped order
+    x_groups = x.index_select(0, order).split(sizes)  # K tensors (B_k, T, D)
+    cond_groups = cond.index_select(0, order).split(sizes)  # K tensors (B_k, D)
+    outputs = [
+        run_block(block_index, x_group, cond_group)
+        for block_index, (x_group, cond_group) in enumerate(zip(x_groups, cond_groups))
+        if sizes[block_index] > 0
+    ]
+    return torch.cat(outputs).index_select(0, inverse)  # (B, T, D), back in batch order
+
+
+class _TokenGroups:
+    """Sorts the flattened tokens of a batch by chosen block, and back."""
+
+    def __init__(self, indices: torch.LongTensor, num_blocks: int):
+        flat = indices.reshape(-1)  # (N,) with N = B * T
+        self.sizes = _group_sizes(flat, num_blocks)
+        self.order = torch.argsort(flat, stable=True)  # (N,)
+        self.inverse = torch.argsort(self.order)  # (N,)
+
+    def apply(self, functions: Sequence[Callable[[torch.Tensor], torch.Tensor]], tokens: torch.Tensor) -> torch.Tensor:
+        """Apply `functions[k]` to the tokens (N, D_in) that chose block k; returns (N, D_out)."""
+        groups = tokens.index_select(0, self.order).split(self.sizes)  # K tensors (N_k, D_in)
+        outputs = [functions[k](group) for k, group in enumerate(groups) if self.sizes[k] > 0]
+        return torch.cat(outputs).index_select(0, self.inverse)  # (N, D_out)
+
+
+def dispatch_tokens(
+    blocks: Sequence[MoLBlock], indices: torch.LongTensor, x: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
+    """Apply per-token block choices with attention over all tokens of each image.
+
+    Token t of image b uses block `indices[b, t]` for its adaLN modulation, its query/key/value
+    and output projections and its MLP; attention then mixes all tokens of the image, whichever
+    block produced their keys and values. Each token passes through exactly one block's weights,
+    so the compute per routing step is that of one dense block plus the sort and gather.
+
+    Args:
+        blocks: The K pool blocks; they must share width and head count.
+        indices (`torch.LongTensor`): Chosen block per token (B, T).
+        x (`torch.Tensor`): Activations (B, T, D).
+        cond (`torch.Tensor`): Per-sample block conditioning (B, D).
+
+    Returns:
+        `torch.Tensor` (B, T, D).
+    """
+    batch_size, num_tokens, width = x.shape
+    num_blocks = len(blocks)
+    groups = _TokenGroups(indices, num_blocks)
+
+    # Modulation of every block for every sample is cheap (K x B rows); each token picks its own.
+    modulation = torch.stack([block.ada_ln(cond) for block in blocks])  # (K, B, 6D)
+    sample_index = torch.arange(batch_size, device=x.device).repeat_interleave(num_tokens)  # (N,)
+    token_modulation = modulation[indices.reshape(-1), sample_index]  # (N, 6D)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = token_modulation.chunk(6, dim=-1)
+
+    tokens = x.reshape(-1, width)  # (N, D)
+    first = blocks[0]  # LayerNorms carry no parameters and attention none, so any block serves
+    qkv = groups.apply([block.to_qkv for block in blocks], modulate(first.norm1(tokens), shift_msa, scale_msa))
+    attended = first.attention(qkv.view(batch_size, num_tokens, 3 * width)).reshape(-1, width)  # (N, D)
+    tokens = tokens + gate_msa * groups.apply([block.to_out for block in blocks], attended)
+    mlp_input = modulate(first.norm2(tokens), shift_mlp, scale_mlp)
+    tokens = tokens + gate_mlp * groups.apply([block.mlp for block in blocks], mlp_input)
+    return tokens.view(batch_size, num_tokens, width)
