@@ -15,27 +15,16 @@ from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .classifier import DEFAULT_DATASET, DigitClassifier, get_digit_classifier
+from ..pipelines.schedulers import SCHEDULERS, scheduler_from_name
 from .frechet import FeatureStatistics, compute_feature_statistics, frechet_distance_from_statistics
 from .images import ImageBatch, load_split_images, to_image_tensor
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
 REFERENCE_SPLIT = "test"
 FLOOR_SPLIT = "train"
 
@@ -319,13 +308,7 @@ def _pipeline_with_scheduler(pipeline: DiffusionPipeline, scheduler: Optional[st
     if scheduler is not None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be None or one of {', '.join(SCHEDULERS)}, got {scheduler!r}.")
-        config = dict(pipeline.scheduler.config)
-        if scheduler != "ddpm":
-            # Only DDPM uses a learned variance, so the other schedulers get a config without
-            # variance_type. With variance_type="learned_range", DPM-Solver would keep only the first
-            # 3 channels of the model output (diffusers 0.42.1).
-            config.pop("variance_type", None)
-        components["scheduler"] = SCHEDULERS[scheduler].from_config(config)
+        components["scheduler"] = scheduler_from_name(scheduler, pipeline.scheduler.config)
     return type(pipeline)(**components)
 
 
