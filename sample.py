@@ -12,26 +12,16 @@ import os
 import sys
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DiffusionPipeline
 from torchvision.utils import save_image
 
 import mol_diffusion  # noqa: F401  (registers MoLPipeline with diffusers, so from_pretrained finds it)
 from mol_diffusion import MoLPipeline
+from mol_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
+from mol_diffusion.visualization import concatenate_traces, plot_routes
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
-    "euler": EulerDiscreteScheduler,
-}
 GRID_PADDING = 2
 
 
@@ -103,9 +93,14 @@ def parse_args(argv=None):
         "--batch_size", type=positive_int, default=64, help="Maximum images per pipeline call, to bound memory."
     )
 
-    # ---------------------------------------------------------------------------------------------
-    # Route plots: a later `--plot_routes FILE.png` option goes here.
-    # ---------------------------------------------------------------------------------------------
+    parser.add_argument(
+        "--plot_routes",
+        type=str,
+        default=None,
+        metavar="FILE.png",
+        help="Also write route plots of the sampled images to this PNG: block choice per routing step and "
+        "timestep, block usage, router entropy and, for token routing, the block of each patch.",
+    )
 
     return parser.parse_args(argv)
 
@@ -133,7 +128,12 @@ def load_pipeline(model_dir: str) -> MoLPipeline:
             "MoLPipeline.save_pretrained."
         )
 
-    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    # use_safetensors=True: weights load from safetensors only, never from pickled .bin files.
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model_dir, use_safetensors=True)
+    except (OSError, ValueError) as error:  # missing or truncated files, invalid configs
+        message = " ".join(str(error).split())
+        raise SampleError(f"--model_dir {model_dir} could not be loaded: {message}") from None
     if not isinstance(pipe, MoLPipeline):
         raise SampleError(
             f"--model_dir {model_dir} contains a {type(pipe).__name__}, but sample.py needs a MoLPipeline folder."
@@ -144,13 +144,7 @@ def load_pipeline(model_dir: str) -> MoLPipeline:
 def build_scheduler(name: str, pipe: MoLPipeline):
     if name == "keep":
         return pipe.scheduler
-    scheduler_class = SCHEDULERS[name]
-    if scheduler_class is DPMSolverMultistepScheduler:
-        # A learned-variance config (variance_type="learned_range") would make DPM-Solver keep the first
-        # 3 output channels (diffusers 0.42.1), which breaks other channel counts. The pipeline already
-        # passes it the noise prediction only.
-        return scheduler_class.from_config(pipe.scheduler.config, variance_type=None)
-    return scheduler_class.from_config(pipe.scheduler.config)
+    return scheduler_from_name(name, pipe.scheduler.config)
 
 
 def parse_class_labels(value, num_classes, model_dir: str):
@@ -180,8 +174,11 @@ def parse_class_labels(value, num_classes, model_dir: str):
     return labels
 
 
-def generate(pipe: MoLPipeline, args, labels, device: torch.device) -> torch.Tensor:
-    """Sample every requested image in calls of at most --batch_size, as one (N, C, H, W) tensor in [0, 1]."""
+def generate(pipe: MoLPipeline, args, labels, device: torch.device, route_traces=None) -> torch.Tensor:
+    """Sample every requested image in calls of at most --batch_size, as one (N, C, H, W) tensor in [0, 1].
+
+    When `route_traces` is a list, one `RouteTrace` per denoising step, covering all N images, is appended to it.
+    """
     if labels is None:
         image_labels = [None] * args.num_images
     else:
@@ -193,6 +190,7 @@ def generate(pipe: MoLPipeline, args, labels, device: torch.device) -> torch.Ten
     num_batches = math.ceil(len(image_labels) / args.batch_size)
     logger.info("Sampling %d images in %d pipeline calls.", len(image_labels), num_batches)
     batches = []
+    routes_per_call = []
     for start in range(0, len(image_labels), args.batch_size):
         batch_labels = image_labels[start : start + args.batch_size]
         output = pipe(
@@ -202,8 +200,13 @@ def generate(pipe: MoLPipeline, args, labels, device: torch.device) -> torch.Ten
             num_inference_steps=args.num_inference_steps,
             generator=generators[start : start + args.batch_size],
             output_type="pt",
+            return_routes=route_traces is not None,
         )
         batches.append(output.images.cpu())
+        routes_per_call.append(output.routes)
+    if route_traces is not None:
+        # Every call runs the same denoising steps, so the traces of step i join along the batch.
+        route_traces.extend(concatenate_traces(step_traces) for step_traces in zip(*routes_per_call))
     return torch.cat(batches)
 
 
@@ -221,7 +224,8 @@ def main(args):
         logger.warning("--guidance_scale %s has no effect without --class_labels.", args.guidance_scale)
 
     # 3. Sampling
-    images = generate(pipe, args, labels, device)  # (N, C, H, W) in [0, 1]
+    route_traces = [] if args.plot_routes else None
+    images = generate(pipe, args, labels, device, route_traces)  # (N, C, H, W) in [0, 1]
 
     # 4. Grid: one row per label, or a near-square grid without labels
     columns = args.num_images if labels is not None else math.ceil(math.sqrt(len(images)))
@@ -238,10 +242,9 @@ def main(args):
             save_image(image, os.path.join(args.save_individual, f"{index:05d}{suffix}.png"))
         logger.info("Wrote %d images to %s", len(images), args.save_individual)
 
-    # ---------------------------------------------------------------------------------------------
-    # 6. Route plots: `--plot_routes FILE.png` goes here. It will call the pipeline with
-    #    return_routes=True in generate() and plot the collected RouteTrace list.
-    # ---------------------------------------------------------------------------------------------
+    # 6. Route plots
+    if args.plot_routes:
+        plot_routes(route_traces, args.plot_routes, images=images, title=f"Routes of {len(images)} samples")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Mixture of Layers (MoL) diffusion backbones for Hugging Face diffusers."""
 
-from .models import LayerRouter, MoLTransformer2DModel, MoLTransformer2DModelOutput, RouteTrace
+from .models import LayerRouter, MoLTransformer2DModel, MoLTransformer2DModelOutput, RouteTable, RouteTrace
 from .pipelines import MoLPipeline, MoLPipelineOutput
 
 __version__ = "0.1.0"
@@ -11,5 +11,6 @@ __all__ = [
     "MoLPipelineOutput",
     "MoLTransformer2DModel",
     "MoLTransformer2DModelOutput",
+    "RouteTable",
     "RouteTrace",
 ]

@@ -23,12 +23,16 @@ class RouteDecision:
         indices (`torch.LongTensor`): Chosen block, (B,) for sample routing or (B, T) for token routing.
         probs (`torch.Tensor`): Router probabilities over the K blocks, (B, K) or (B, T, K). One-hot
             for fixed routing modes.
-        logits (`torch.Tensor` or `None`): Router logits, same shape as `probs`; `None` for fixed modes.
+        logits (`torch.Tensor` or `None`): Router logits, same shape as `probs`; `None` for fixed modes
+            and for routes read from a route table.
+        shared_block (`int` or `None`): The block every sample takes at this step, when that is known
+            on the host without reading `indices` back from the device; `None` otherwise.
     """
 
     indices: torch.LongTensor
     probs: torch.Tensor
     logits: Optional[torch.Tensor] = None
+    shared_block: Optional[int] = None
 
     @property
     def is_learned(self) -> bool:
