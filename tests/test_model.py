@@ -322,3 +322,46 @@ def test_final_conv_adds_convolution():
     assert convolved.num_parameters() - plain.num_parameters() == 4 * 4 * 3 * 3 + 4
     assert sample.shape == (BATCH, 4, 8, 8)
     assert convolved.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_identity_init_options_keep_fresh_output():
+    # Long skips start as [I | 0] and the output conv as a zero residual, so an untrained model with
+    # them computes the same prediction as the same weights without them.
+    torch.manual_seed(0)
+    plain = make_model(perturb=False, num_routing_steps=4)
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.add_(0.2 * torch.randn_like(parameter))
+    extended = make_model(perturb=False, num_routing_steps=4, long_skip=True, final_conv=True)
+    missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    assert all(name.startswith(("skip_projections.", "conv_out.")) for name in missing)
+
+    images = noisy_images()
+    expected = plain(images, 10, class_labels=torch.arange(BATCH)).sample
+    actual = extended(images, 10, class_labels=torch.arange(BATCH)).sample
+    torch.testing.assert_close(actual, expected)
+
+
+def test_conv_stem_and_head_shapes_and_gradients():
+    channels = 6
+    model = make_model(in_channels=2, out_channels=4, conv_channels=channels)
+
+    sample = model(noisy_images(channels=2), 10, class_labels=torch.arange(BATCH)).sample
+    sample.square().mean().backward()
+
+    assert sample.shape == (BATCH, 4, 8, 8)
+    # The patch embedding reads the stem's channels and the final layer writes the head's.
+    assert model.patch_embed.proj.in_channels == channels
+    assert model.final_layer.linear.out_features == 2 * 2 * channels
+    for name, parameter in model.named_parameters():
+        if name.startswith(("conv_stem.", "conv_head.")):
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_conv_head_starts_at_zero_output():
+    model = make_model(perturb=False, conv_channels=6)
+
+    sample = model(noisy_images(), 10, class_labels=torch.arange(BATCH)).sample
+
+    assert torch.count_nonzero(sample) == 0

@@ -56,6 +56,7 @@ CONFIG_CASES = {
     "z_weight_negative": (dict(router_z_loss_weight=-2.5), [("router_z_loss_weight", -2.5)]),
     "long_skip_string": (dict(long_skip="yes"), [("long_skip", "yes")]),
     "final_conv_int": (dict(final_conv=1), [("final_conv", 1)]),
+    "conv_channels_zero": (dict(conv_channels=0), [("conv_channels", 0)]),
     "token_without_input": (
         dict(router_granularity="token", router_input="none"),
         [("router_granularity", "token"), ("router_input", "none")],
