@@ -116,6 +116,11 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
             input of step S-1-s for the second half of the walk and projected back to D.
         final_conv (`bool`): A residual 3x3 convolution after unpatchifying (as U-ViT uses a 3x3
             convolution), which smooths patch seams.
+        conv_channels (`int`, *optional*): Width of a full-resolution convolutional stem and head;
+            `None` for none. The stem (two 3x3 convolutions) feeds the patch embedding; the head takes
+            the unpatchified transformer output together with the stem features (a U-Net style skip)
+            through two 3x3 convolutions. They add local image structure at a cost of about
+            `4 * 9 * conv_channels**2` multiply-adds per pixel, small next to the transformer.
     """
 
     _supports_gradient_checkpointing = True
@@ -145,6 +150,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         router_z_loss_weight: float = 0.001,
         long_skip: bool = False,
         final_conv: bool = False,
+        conv_channels: Optional[int] = None,
     ):
         super().__init__()
         self._validate_config()
@@ -153,12 +159,20 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         self._route_table: Optional[RouteTable] = None  # set by set_route_table; never saved
 
-        # 1. Input: patch embedding with fixed 2D sin-cos positions.
+        # 1. Input: optional convolutional stem, then patch embedding with fixed 2D sin-cos positions.
+        if conv_channels is not None:
+            self.conv_stem = nn.Sequential(
+                nn.Conv2d(in_channels, conv_channels, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(conv_channels, conv_channels, 3, padding=1),
+            )
+        else:
+            self.conv_stem = None
         self.patch_embed = PatchEmbed(
             height=sample_size,
             width=sample_size,
             patch_size=patch_size,
-            in_channels=in_channels,
+            in_channels=in_channels if conv_channels is None else conv_channels,
             embed_dim=hidden_size,
             pos_embed_type="sincos",
         )
@@ -190,7 +204,16 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         self.skip_projections = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range(num_skips))
 
         # 4. Output.
-        self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        head_channels = out_channels if conv_channels is None else conv_channels
+        self.final_layer = FinalLayer(hidden_size, patch_size, head_channels)
+        if conv_channels is not None:
+            self.conv_head = nn.Sequential(
+                nn.Conv2d(2 * conv_channels, conv_channels, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(conv_channels, out_channels, 3, padding=1),
+            )
+        else:
+            self.conv_head = None
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1) if final_conv else None
 
         self.initialize_weights()
@@ -205,6 +228,8 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
             _check_int("out_channels", config.out_channels, 1)
         if config.num_classes is not None:
             _check_int("num_classes", config.num_classes, 1)
+        if config.conv_channels is not None:
+            _check_int("conv_channels", config.conv_channels, 1)
         if config.sample_size % config.patch_size != 0:
             raise ValueError(
                 f"`patch_size` ({config.patch_size}) must divide `sample_size` ({config.sample_size}); "
@@ -271,6 +296,10 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         if self.conv_out is not None:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
+        if self.conv_head is not None:
+            # The head's last convolution starts at zero, so the model still predicts zero at first.
+            nn.init.zeros_(self.conv_head[-1].weight)
+            nn.init.zeros_(self.conv_head[-1].bias)
         self.final_layer.initialize_weights()
 
     @property
@@ -339,9 +368,9 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         Args:
             hidden_states (`torch.Tensor` of shape `(B, in_channels, H, W)`): Noisy input with B >= 1,
                 in the dtype of the model weights unless autocast is on. H and W must be multiples of
-                `patch_size` and may differ from `sample_size` and from each other: as in diffusers'
-                DiT, the sin-cos position embedding is then recomputed for the new token grid, with
-                positions scaled to the range of the `sample_size` grid.
+                `patch_size`, and they may differ from `sample_size` and from each other. As in
+                diffusers' DiT, the sin-cos position embedding is then recomputed for the new token
+                grid, with positions scaled to the range of the `sample_size` grid.
             timestep (`torch.Tensor`, `int` or `float`): Diffusion timestep: a number, a 0-d tensor,
                 or a tensor of shape (1,) or (B,).
             class_labels (`torch.LongTensor` of shape `(B,)`, *optional*): Class labels for a
@@ -357,8 +386,9 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         timesteps = self._broadcast_timestep(timestep, batch_size, hidden_states.device)
         labels = self._map_class_labels(class_labels, batch_size, hidden_states.device)
 
-        # 1. Input: patchify and embed, (B, C, H, W) -> (B, T, D).
-        x = self.patch_embed(hidden_states)
+        # 1. Input: optional conv stem, then patchify and embed, (B, C, H, W) -> (B, T, D).
+        stem = self.conv_stem(hidden_states) if self.conv_stem is not None else None  # (B, C_conv, H, W)
+        x = self.patch_embed(hidden_states if stem is None else stem)
 
         # 2. Conditioning, computed once and shared by every block application: (B, D).
         cond = self._conditioning(timesteps, labels, x.dtype)
@@ -367,12 +397,15 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         planned = self._planned_decisions(timesteps, labels)
         x, decisions = self._route(x, cond, planned)
 
-        # 4. Output: final adaLN layer and unpatchify, (B, T, D) -> (B, C_out, H, W).
-        x = self.final_layer(x, cond)  # (B, T, p*p*C_out)
+        # 4. Output: final adaLN layer and unpatchify, (B, T, D) -> (B, C_out, H, W), through the
+        # conv head when there is one.
+        x = self.final_layer(x, cond)  # (B, T, p*p*C_out), or p*p*C_conv with a conv head
         patch = self.config.patch_size
         sample = rearrange(
             x, "b (h w) (p q c) -> b c (h p) (w q)", h=height // patch, w=width // patch, p=patch, q=patch
         )
+        if self.conv_head is not None:
+            sample = self.conv_head(torch.cat([sample, stem], dim=1))  # (B, 2 C_conv, H, W) -> (B, C_out, H, W)
         if self.conv_out is not None:
             sample = sample + self.conv_out(sample)
 
@@ -485,6 +518,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
                 f"`hidden_states` has dtype {hidden_states.dtype} but the model weights are {weight_dtype}; "
                 f"cast the input with `.to({weight_dtype})`, or run the model under torch.autocast."
             )
+
         batch_size, channels, height, width = hidden_states.shape
         if batch_size == 0:
             raise ValueError(
@@ -500,6 +534,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
                 f"resize or pad it to a multiple of {config.patch_size}, such as the trained size "
                 f"{config.sample_size}x{config.sample_size}."
             )
+
         if timestep is None:
             raise ValueError("`timestep` is required: pass the diffusion timestep as a number or tensor.")
         if torch.is_tensor(timestep):
@@ -512,6 +547,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
                 raise TypeError(f"`timestep` must be an integer or floating-point tensor, got {timestep.dtype}.")
         elif isinstance(timestep, bool) or not isinstance(timestep, numbers.Real):
             raise TypeError(f"`timestep` must be a number or a tensor, got {type(timestep).__name__}.")
+
         if class_labels is not None:
             self._check_class_labels(class_labels, batch_size)
         return batch_size, height, width
