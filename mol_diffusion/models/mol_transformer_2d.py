@@ -11,6 +11,7 @@ from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from einops import rearrange
+import torch.nn.functional as F
 from torch import nn
 
 from .blocks import FinalLayer, MoLBlock
@@ -206,14 +207,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         # 4. Output.
         head_channels = out_channels if conv_channels is None else conv_channels
         self.final_layer = FinalLayer(hidden_size, patch_size, head_channels)
-        if conv_channels is not None:
-            self.conv_head = nn.Sequential(
-                nn.Conv2d(2 * conv_channels, conv_channels, 3, padding=1),
-                nn.SiLU(),
-                nn.Conv2d(conv_channels, out_channels, 3, padding=1),
-            )
-        else:
-            self.conv_head = None
+        self.conv_head = ConvHead(conv_channels, out_channels, hidden_size) if conv_channels is not None else None
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1) if final_conv else None
 
         self.initialize_weights()
@@ -276,10 +270,14 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         kernel = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(kernel.view(kernel.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
-        nn.init.normal_(self.time_embedding.linear_1.weight, std=0.02)
-        nn.init.normal_(self.time_embedding.linear_2.weight, std=0.02)
+        # The conditioning vector starts at about unit scale: the timestep MLP keeps PyTorch's default
+        # Linear init and class embeddings are N(0, 1). With DiT's std-0.02 init, silu(cond) is ~0.01,
+        # so under Adam the adaLN weights that read it move the output ~50x slower than the adaLN
+        # biases, and short runs learned to ignore the class label.
+        self.time_embedding.linear_1.reset_parameters()
+        self.time_embedding.linear_2.reset_parameters()
         if self.class_embedding is not None:
-            nn.init.normal_(self.class_embedding.weight, std=0.02)
+            nn.init.normal_(self.class_embedding.weight, std=1.0)
         nn.init.normal_(self.step_embedding.weight, std=0.02)
         for block in self.blocks:
             block.initialize_weights()
@@ -297,9 +295,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
         if self.conv_head is not None:
-            # The head's last convolution starts at zero, so the model still predicts zero at first.
-            nn.init.zeros_(self.conv_head[-1].weight)
-            nn.init.zeros_(self.conv_head[-1].bias)
+            self.conv_head.initialize_weights()
         self.final_layer.initialize_weights()
 
     @property
@@ -405,7 +401,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
             x, "b (h w) (p q c) -> b c (h p) (w q)", h=height // patch, w=width // patch, p=patch, q=patch
         )
         if self.conv_head is not None:
-            sample = self.conv_head(torch.cat([sample, stem], dim=1))  # (B, 2 C_conv, H, W) -> (B, C_out, H, W)
+            sample = self.conv_head(sample, stem, cond)  # (B, C_out, H, W)
         if self.conv_out is not None:
             sample = sample + self.conv_out(sample)
 
@@ -582,3 +578,29 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         labels = class_labels.to(device=device, dtype=torch.long).reshape(-1).expand(batch_size)
         in_range = (labels >= 0) & (labels < num_classes)
         return torch.where(in_range, labels, torch.full_like(labels, num_classes))  # (B,)
+
+
+class ConvHead(nn.Module):
+    """Convolutional output head: unpatchified features and stem features, FiLM-conditioned on `cond`.
+
+    Two 3x3 convolutions, with a shift and scale from the conditioning vector between them (as a
+    U-Net residual block reads its time embedding), so the full-resolution path also sees the
+    timestep and class. The modulation and the last convolution start at zero.
+    """
+
+    def __init__(self, conv_channels: int, out_channels: int, cond_size: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(2 * conv_channels, conv_channels, 3, padding=1)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_size, 2 * conv_channels))
+        self.conv_out = nn.Conv2d(conv_channels, out_channels, 3, padding=1)
+
+    def initialize_weights(self) -> None:
+        for layer in (self.modulation[-1], self.conv_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: torch.Tensor, stem: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv_in(torch.cat([features, stem], dim=1))  # (B, 2 C_conv, H, W) -> (B, C_conv, H, W)
+        shift, scale = self.modulation(cond)[:, :, None, None].chunk(2, dim=1)  # (B, C_conv, 1, 1) each
+        hidden = hidden * (1 + scale) + shift
+        return self.conv_out(F.silu(hidden))  # (B, C_out, H, W)
