@@ -7,27 +7,35 @@ output_dir/
   model_index.json, transformer/, scheduler/   the final pipeline (DiffusionPipeline.from_pretrained)
   checkpoint-N/                                 accelerate state after N optimizer updates
     transformer/  transformer_ema/  optimizer.bin  scheduler.bin  random_states_0.pkl ...
+    rng_state_0.safetensors                     torch RNG states of process 0, restored on resume
+    training_state.json                         data seed, epoch and batches done in that epoch
   checkpoint-N.tmp/                             a checkpoint being written; never resumed from
   samples/step-N.png, train_log.jsonl, logs/
 ```
 
-A checkpoint is written to `checkpoint-N.tmp` and renamed to `checkpoint-N` only when complete,
-so `--resume_from_checkpoint latest` never picks a half-written folder.
+A checkpoint is written to `checkpoint-N.tmp`, flushed to disk with fsync and renamed to
+`checkpoint-N` only when complete, so `--resume_from_checkpoint latest` never picks a half-written
+folder, even after `kill -9`.
 """
 
+import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
+from dataclasses import asdict, dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import EMAModel
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError
 
@@ -37,7 +45,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TEMPORARY_SUFFIX = ".tmp"
 MODEL_SUBFOLDER = "transformer"
 EMA_SUBFOLDER = "transformer_ema"
+TRAINING_STATE_NAME = "training_state.json"
+RNG_STATE_NAME = "rng_state_{process_index}.safetensors"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# Folders left by a save that was killed: checkpoints being written, folders being replaced, and
+# pipeline staging folders of `save_pipeline_atomically`.
+_UNFINISHED_NAME = re.compile(rf"^({CHECKPOINT_PREFIX}\d+|\.replaced-.*|\.pipeline-.*){re.escape(TEMPORARY_SUFFIX)}$")
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
@@ -110,17 +123,42 @@ def resolve_resume_checkpoint(output_dir: str, resume_from_checkpoint: Optional[
     )
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, global_step: int, total_limit: Optional[int]) -> str:
-    """Save the accelerate state as `checkpoint-{global_step}`, then delete checkpoints over the limit.
+@dataclass
+class DataPosition:
+    """Position of a run in its training data, saved in every checkpoint so that a resumed run gets the same batches.
 
-    The state is written to `checkpoint-{global_step}.tmp` and renamed into place when complete.
-    Older checkpoints are deleted only after the new one is in place.
+    Args:
+        data_seed (`int`): Seed of the shuffle order and of the random augmentations; see
+            [`EpochSeededDataset`].
+        epoch (`int`): The epoch in progress, counted from 0.
+        batches_done (`int`): Batches of that epoch that this process has consumed.
+    """
+
+    data_seed: int
+    epoch: int = 0
+    batches_done: int = 0
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    global_step: int,
+    total_limit: Optional[int],
+    data_position: Optional[DataPosition] = None,
+) -> str:
+    """Save the training state as `checkpoint-{global_step}`, then delete checkpoints over the limit.
+
+    The state is written to `checkpoint-{global_step}.tmp`, flushed to disk and renamed into place
+    when complete. Older checkpoints, and unfinished folders left by killed saves, are deleted only
+    after the new checkpoint is in place.
 
     Args:
         accelerator ([`Accelerator`]): The accelerator holding the prepared model, optimizer and scheduler.
         output_dir (`str`): Training output folder.
         global_step (`int`): Optimizer updates done so far.
         total_limit (`int`, *optional*): Number of checkpoints to keep; None keeps all.
+        data_position ([`DataPosition`], *optional*): Written to `training_state.json`, so that
+            `load_checkpoint` can resume with the same data order.
 
     Returns:
         `str`: Path of the saved checkpoint.
@@ -132,15 +170,166 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, global_step: int,
     accelerator.wait_for_everyone()
 
     accelerator.save_state(temporary_path)
+    save_rng_state(temporary_path, accelerator.process_index)
+    if accelerator.is_main_process and data_position is not None:
+        state = {"global_step": global_step, **asdict(data_position)}
+        with open(os.path.join(temporary_path, TRAINING_STATE_NAME), "w", encoding="utf-8") as file:
+            json.dump(state, file, indent=2)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
+        _fsync_tree(temporary_path)
         _replace_directory(temporary_path, final_path)
+        _fsync_directory(output_dir)
         if total_limit is not None:
             prune_checkpoints(output_dir, total_limit)
+        remove_unfinished_saves(output_dir)
         logger.info("Saved checkpoint %s", final_path)
     accelerator.wait_for_everyone()
     return final_path
+
+
+def load_checkpoint(accelerator: Accelerator, path: str) -> Optional[DataPosition]:
+    """Restore model, EMA, optimizer, LR scheduler and RNG states from a checkpoint folder.
+
+    Everything is read without unpickling arbitrary objects: the weights from safetensors by the
+    hooks of `register_state_hooks`, and accelerate's `.bin` and `.pkl` files with
+    `torch.load(weights_only=True)`. The torch RNG states are then set again from
+    `rng_state_{process}.safetensors`, because accelerate (1.16) only logs at INFO level when its
+    pickled RNG file fails to load.
+
+    Args:
+        accelerator ([`Accelerator`]): The accelerator, after `prepare` and `register_state_hooks`.
+        path (`str`): A `checkpoint-N` folder.
+
+    Returns:
+        [`DataPosition`] or `None`: The saved data position; None for checkpoints written without one.
+
+    Raises:
+        ConfigError: When a file of the checkpoint is missing, truncated, or contains objects that
+            `weights_only=True` rejects.
+    """
+    try:
+        accelerator.load_state(path, load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as error:
+        raise ConfigError(
+            f"cannot load checkpoint {path}: a file contains objects that torch.load(weights_only=True) rejects "
+            f"({_error_summary(error, prefer='Unsupported global')}). Move the folder aside and resume from "
+            "another checkpoint."
+        ) from None
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as error:
+        raise ConfigError(
+            f"cannot load checkpoint {path}: {_error_summary(error)}. Move the folder aside and resume from "
+            "another checkpoint."
+        ) from None
+    restore_rng_state(path, accelerator.process_index)
+    return read_data_position(path)
+
+
+def read_data_position(path: str) -> Optional[DataPosition]:
+    """Read the [`DataPosition`] of a checkpoint folder; None when it has no `training_state.json`."""
+    state_path = os.path.join(path, TRAINING_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return None
+    try:
+        with open(state_path, encoding="utf-8") as file:
+            state = json.load(file)
+        return DataPosition(int(state["data_seed"]), int(state["epoch"]), int(state["batches_done"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(
+            f"{state_path} is invalid ({error!r}); resume from another checkpoint with --resume_from_checkpoint."
+        ) from None
+
+
+def save_rng_state(folder: str, process_index: int) -> None:
+    """Save this process's torch CPU RNG state, and the CUDA states when CUDA is in use, as safetensors."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device_index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"cuda_{device_index}"] = state
+    os.makedirs(folder, exist_ok=True)
+    save_file(states, os.path.join(folder, RNG_STATE_NAME.format(process_index=process_index)))
+
+
+def restore_rng_state(folder: str, process_index: int) -> bool:
+    """Set the torch CPU and CUDA RNG states saved by `save_rng_state`.
+
+    RNGs of other devices (MPS, XPU, ...) keep the states that accelerate restored.
+
+    Returns:
+        `bool`: False when the folder has no RNG file (checkpoints written before it existed).
+    """
+    path = os.path.join(folder, RNG_STATE_NAME.format(process_index=process_index))
+    if not os.path.isfile(path):
+        logger.warning("%s has no RNG state file, so the random draws after resuming may differ.", folder)
+        return False
+    try:
+        states = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ConfigError(
+            f"cannot read {path} ({error}); resume from another checkpoint with --resume_from_checkpoint."
+        ) from None
+    torch.set_rng_state(states["torch"])
+    # NOTE: the CUDA states are saved and set like the CPU one, but this branch has only run on CPU-only machines.
+    if torch.cuda.is_available():
+        for device_index in range(torch.cuda.device_count()):
+            if f"cuda_{device_index}" in states:
+                torch.cuda.set_rng_state(states[f"cuda_{device_index}"], device_index)
+    return True
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose shuffle order and random augmentations depend only on (seed, epoch, index).
+
+    Pass `generator` to the `DataLoader` (with `shuffle=True`) and call `begin_epoch(epoch)` before
+    iterating each epoch. The shuffle order then comes from `generator` alone, and each item is built
+    with torch's global CPU RNG seeded from (seed, epoch, index), then restored. So a run resumed in the
+    middle of an epoch gets the batches of the uninterrupted run, whichever batches it skips, and data
+    loading never moves the global RNG that draws the training noise. With DataLoader workers, the
+    items are also independent of how they are spread over the workers.
+
+    Only torch's RNG is seeded per item; augmentations drawing from Python's `random` or NumPy are
+    not reproduced (torchvision's transforms use torch's).
+
+    Args:
+        dataset (`torch.utils.data.Dataset`): Map-style dataset to wrap.
+        seed (`int`): Data seed in [0, 2**32).
+    """
+
+    # Odd 32-bit constant (2**32 / golden ratio): item seeds base + index * constant are distinct
+    # for the indices of one epoch. Torch's CPU generator uses the low 32 bits of a seed.
+    _ITEM_SEED_STRIDE = 0x9E3779B9
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.generator = torch.Generator()
+        self._item_seed_base = 0
+        self.begin_epoch(0)
+
+    # Not named `set_epoch`: accelerate's DataLoaderShard calls `dataset.set_epoch` with its own pass
+    # counter, which restarts at 0 in a resumed run.
+    def begin_epoch(self, epoch: int) -> None:
+        """Seed the shuffle generator and the item seeds of `epoch`."""
+        shuffle_seed, item_seed_base = np.random.SeedSequence(self.seed, spawn_key=(epoch,)).generate_state(2)
+        self.generator.manual_seed(int(shuffle_seed))
+        self._item_seed_base = int(item_seed_base)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        # The DataLoader fetches a whole batch with one call, so the RNG is forked once per batch.
+        items = []
+        with torch.random.fork_rng(devices=[]):
+            for index in indices:
+                seed = (self._item_seed_base + index * self._ITEM_SEED_STRIDE) % 2**32
+                torch.random.default_generator.manual_seed(seed)
+                items.append(self.dataset[index])
+        return items
 
 
 def prune_checkpoints(output_dir: str, total_limit: int) -> list[str]:
@@ -149,7 +338,12 @@ def prune_checkpoints(output_dir: str, total_limit: int) -> list[str]:
     removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - total_limit)]]
     for path in removed:
         logger.info("Deleting checkpoint %s (checkpoints_total_limit=%d)", path, total_limit)
-        shutil.rmtree(path)
+        # Renamed first, so a kill during the deletion leaves a `.tmp` folder that resume ignores.
+        doomed = path + TEMPORARY_SUFFIX
+        if os.path.exists(doomed):
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
     return removed
 
 
@@ -185,7 +379,7 @@ def register_state_hooks(accelerator: Accelerator, ema_model: Optional[EMAModel]
             ema_model.to(accelerator.device)
         while models:
             model = accelerator.unwrap_model(models.pop())
-            loaded = type(model).from_pretrained(input_dir, subfolder=MODEL_SUBFOLDER)
+            loaded = type(model).from_pretrained(input_dir, subfolder=MODEL_SUBFOLDER, use_safetensors=True)
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
             del loaded
@@ -245,6 +439,53 @@ def _replace_directory(source: str, destination: str) -> None:
         shutil.rmtree(stale)
     else:
         os.replace(source, destination)
+
+
+def remove_unfinished_saves(output_dir: str) -> list[str]:
+    """Delete folders left by saves that were killed (`checkpoint-N.tmp` and others); return their paths.
+
+    Call it only when no save of this output folder is in progress, since a folder being written
+    looks the same as one left by a killed save.
+    """
+    removed = []
+    for name in sorted(_listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if _UNFINISHED_NAME.match(name) and os.path.isdir(path) and not os.path.islink(path):
+            logger.info("Deleting %s, left by an interrupted save.", path)
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file under `path`, then the folders, to disk, so a rename after it survives a power loss."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            file_descriptor = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(file_descriptor)
+            finally:
+                os.close(file_descriptor)
+        _fsync_directory(root)
+
+
+def _fsync_directory(path: str) -> None:
+    # Folders can be opened and flushed on POSIX systems only.
+    if os.name != "posix":
+        return
+    file_descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(file_descriptor)
+    finally:
+        os.close(file_descriptor)
+
+
+def _error_summary(error: Exception, prefer: Optional[str] = None) -> str:
+    """Shorten an error message to one sentence: the first of the line containing `prefer`, else of the first line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]  # no ANSI colours
+    lines = [line for line in lines if line] or [type(error).__name__]
+    chosen = next((line for line in lines if prefer and prefer in line), lines[0])
+    return chosen.split(". ")[0].rstrip(".")
 
 
 def _listdir(path: str) -> list[str]:
