@@ -17,6 +17,7 @@ from torchvision.utils import save_image
 
 import mol_diffusion  # noqa: F401  (registers MoLPipeline with diffusers, so from_pretrained finds it)
 from mol_diffusion import MoLPipeline
+from mol_diffusion.pipelines.pipeline_mol import denoiser_num_classes
 from mol_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
 from mol_diffusion.visualization import concatenate_traces, plot_routes
 
@@ -219,7 +220,7 @@ def main(args):
     pipe = load_pipeline(args.model_dir)
     pipe.scheduler = build_scheduler(args.scheduler, pipe)
     pipe = pipe.to(device)
-    labels = parse_class_labels(args.class_labels, pipe.transformer.config.num_classes, args.model_dir)
+    labels = parse_class_labels(args.class_labels, denoiser_num_classes(pipe.transformer), args.model_dir)
     if args.guidance_scale > 1 and labels is None:
         logger.warning("--guidance_scale %s has no effect without --class_labels.", args.guidance_scale)
 

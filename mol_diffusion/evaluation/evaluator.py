@@ -19,6 +19,7 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .classifier import DEFAULT_DATASET, DigitClassifier, get_digit_classifier
+from ..pipelines.pipeline_mol import denoiser_num_classes
 from ..pipelines.schedulers import SCHEDULERS, scheduler_from_name
 from .frechet import FeatureStatistics, compute_feature_statistics, frechet_distance_from_statistics
 from .images import ImageBatch, load_split_images, to_image_tensor
@@ -280,11 +281,11 @@ def _check_labels(labels: torch.Tensor, num_samples: int, num_classes: int) -> N
 
 
 def pipeline_num_classes(pipeline: DiffusionPipeline) -> Optional[int]:
-    """Return `num_classes` of the pipeline's `transformer` (or `unet`) config, or `None` if it has none."""
+    """Return the class count of the pipeline's `transformer` (or `unet`), or `None` if it is unconditional."""
     denoiser = getattr(pipeline, "transformer", None)
     if denoiser is None:
         denoiser = getattr(pipeline, "unet", None)
-    return getattr(getattr(denoiser, "config", None), "num_classes", None)
+    return denoiser_num_classes(denoiser) if denoiser is not None else None
 
 
 def _check_class_conditional(pipeline: DiffusionPipeline, num_classes: int) -> None:

@@ -9,7 +9,7 @@ from typing import Optional, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import DDPMParallelScheduler, SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
@@ -25,9 +25,42 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # output. The DPM-Solver family also accepts `variance_type="learned_range"`, but its `step` only
 # cuts the variance off again, keeping the first 3 channels (diffusers 0.42.1), which is wrong for
 # any other channel count. The pipeline therefore drops the variance channels for every other
-# scheduler.
+# scheduler, and for predictions of more than 3 channels (such as 4-channel latents), which that
+# cut would shorten, it steps a copy of the scheduler without `variance_type`.
 LEARNED_VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler)
 LEARNED_VARIANCE_TYPES = ("learned", "learned_range")
+
+
+def denoiser_num_classes(model: torch.nn.Module) -> Optional[int]:
+    """Return the number of real classes a denoiser is conditioned on, or `None` for an unconditional model.
+
+    Each model class stores the count under its own config name, and in all three the null class of
+    classifier-free guidance is the label right after the real classes:
+
+    - [`MoLTransformer2DModel`]: `num_classes`.
+    - diffusers' [`DiTTransformer2DModel`]: `num_embeds_ada_norm`. Its label table has one more row,
+      the null class, because every DiT block builds its label embedding with a dropout probability
+      above 0 (diffusers 0.42.1).
+    - diffusers' [`UNet2DModel`]: `num_class_embeds - 1`, as the training script reserves the last
+      row of the class embedding for the null class.
+
+    Args:
+        model (`torch.nn.Module`): One of the three denoisers above.
+
+    Returns:
+        `int` or `None`: The number of real classes.
+    """
+    config = model.config
+    if isinstance(model, DiTTransformer2DModel):
+        return config.num_embeds_ada_norm
+    if isinstance(model, UNet2DModel):
+        return None if config.num_class_embeds is None else config.num_class_embeds - 1
+    return getattr(config, "num_classes", None)
+
+
+def denoiser_null_class_label(model: torch.nn.Module) -> Optional[int]:
+    """Return the label of the null (unconditional) class, `denoiser_num_classes(model)`; `None` if unconditional."""
+    return denoiser_num_classes(model)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -85,9 +118,10 @@ class MoLPipeline(DiffusionPipeline):
     methods (saving, loading, moving to a device, progress bar settings).
 
     Args:
-        transformer ([`MoLTransformer2DModel`]):
+        transformer ([`MoLTransformer2DModel`], [`DiTTransformer2DModel`] or [`UNet2DModel`]):
             The denoiser. Its `sample_size` and `in_channels` set the shape of the sampled latents, and
-            `out_channels == 2 * in_channels` means it also predicts the variance.
+            `out_channels == 2 * in_channels` means it also predicts the variance. The diffusers models
+            serve as dense baselines; see `denoiser_num_classes` for how each stores its classes.
         scheduler ([`SchedulerMixin`]):
             Any diffusers noise scheduler, for example [`DDPMScheduler`], [`DDIMScheduler`],
             [`DPMSolverMultistepScheduler`] or [`EulerDiscreteScheduler`].
@@ -101,7 +135,7 @@ class MoLPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: MoLTransformer2DModel,
+        transformer: Union[MoLTransformer2DModel, DiTTransformer2DModel, UNet2DModel],
         scheduler: SchedulerMixin,
         vae: Optional[AutoencoderKL] = None,
     ):
@@ -167,7 +201,7 @@ class MoLPipeline(DiffusionPipeline):
             batch_size = labels.shape[0]
         elif batch_size is None:
             batch_size = 1
-        self._check_inputs(batch_size, guidance_scale, num_inference_steps, output_type)
+        self._check_inputs(batch_size, guidance_scale, num_inference_steps, output_type, return_routes)
 
         device = self._execution_device
         config = self.transformer.config
@@ -180,10 +214,11 @@ class MoLPipeline(DiffusionPipeline):
             )
 
         # 2. Class labels for the transformer: (B,), or (2B,) as [conditional, null] under guidance
-        if config.num_classes is None:
+        if denoiser_num_classes(self.transformer) is None:
             model_labels = None
         else:
-            null_labels = torch.full((batch_size,), self.transformer.null_class_label, dtype=torch.long)
+            null_label = denoiser_null_class_label(self.transformer)
+            null_labels = torch.full((batch_size,), null_label, dtype=torch.long)
             if labels is None:
                 model_labels = null_labels
             elif do_guidance:
@@ -193,29 +228,30 @@ class MoLPipeline(DiffusionPipeline):
             model_labels = model_labels.to(device)
 
         # 3. Initial noise, (B, C_latent, H, W)
+        scheduler = self._scheduler_for_sampling(latent_channels)
         latents = randn_tensor(
             (batch_size, latent_channels, config.sample_size, config.sample_size),
             generator=generator,
             device=device,
             dtype=self.transformer.dtype,
         )
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = latents * scheduler.init_noise_sigma
 
         # 4. Denoising loop
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         step_kwargs = self._scheduler_step_kwargs(generator)
         keep_variance = self._scheduler_uses_learned_variance()
         routes = [] if return_routes else None
 
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(latents, t)
+        for t in self.progress_bar(scheduler.timesteps):
+            model_input = scheduler.scale_model_input(latents, t)
             if do_guidance:
                 model_input = torch.cat([model_input, model_input])  # (2B, C, H, W)
             timesteps = t.to(device).expand(model_input.shape[0])
 
-            output = self.transformer(
-                model_input, timestep=timesteps, class_labels=model_labels, return_routes=return_routes
-            )
+            # Only MoL models take `return_routes`; DiT and UNet2DModel take `class_labels` as well.
+            route_kwargs = {"return_routes": True} if return_routes else {}
+            output = self.transformer(model_input, timestep=timesteps, class_labels=model_labels, **route_kwargs)
             prediction = output.sample  # (B or 2B, C_out, H, W)
 
             if do_guidance:
@@ -223,7 +259,7 @@ class MoLPipeline(DiffusionPipeline):
             if not keep_variance:
                 prediction = prediction[:, :latent_channels]
 
-            latents = self.scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+            latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
 
             if return_routes:
                 routes.append(self._trace_for_requested_samples(output.routes, batch_size, t))
@@ -249,7 +285,7 @@ class MoLPipeline(DiffusionPipeline):
         if class_labels is None:
             return None
 
-        num_classes = self.transformer.config.num_classes
+        num_classes = denoiser_num_classes(self.transformer)
         if num_classes is None:
             raise ValueError(
                 f"class_labels={class_labels!r} was given, but the transformer is unconditional "
@@ -287,7 +323,14 @@ class MoLPipeline(DiffusionPipeline):
             )
         return labels
 
-    def _check_inputs(self, batch_size: int, guidance_scale: float, num_inference_steps: int, output_type: str):
+    def _check_inputs(
+        self, batch_size: int, guidance_scale: float, num_inference_steps: int, output_type: str, return_routes: bool
+    ):
+        if return_routes and not isinstance(self.transformer, MoLTransformer2DModel):
+            raise ValueError(
+                f"return_routes=True needs a MoLTransformer2DModel, but the transformer is a "
+                f"{type(self.transformer).__name__}, which has no router. Call the pipeline with return_routes=False."
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -322,6 +365,22 @@ class MoLPipeline(DiffusionPipeline):
     def _scheduler_uses_learned_variance(self) -> bool:
         variance_type = self.scheduler.config.get("variance_type")
         return variance_type in LEARNED_VARIANCE_TYPES and isinstance(self.scheduler, LEARNED_VARIANCE_SCHEDULERS)
+
+    def _scheduler_for_sampling(self, latent_channels: int) -> SchedulerMixin:
+        """Return `self.scheduler`, or a copy without `variance_type` when its `step` would cut channels.
+
+        A DPM-Solver-style scheduler made with `from_config` from a learned-variance DDPM config
+        inherits `variance_type="learned_range"`, and its `step` then keeps only 3 channels. The
+        pipeline already removes the variance channels, so the copy samples the same way without the cut.
+        """
+        scheduler = self.scheduler
+        if latent_channels <= 3 or scheduler.config.get("variance_type") not in LEARNED_VARIANCE_TYPES:
+            return scheduler
+        if isinstance(scheduler, LEARNED_VARIANCE_SCHEDULERS):
+            return scheduler
+        if "variance_type" not in inspect.signature(type(scheduler).__init__).parameters:
+            return scheduler
+        return type(scheduler).from_config(scheduler.config, variance_type=None)
 
     @staticmethod
     def _apply_guidance(prediction: torch.Tensor, latent_channels: int, guidance_scale: float) -> torch.Tensor:

@@ -20,11 +20,14 @@ from accelerate.utils import is_tensorboard_available, is_wandb_available
 from diffusers.optimization import SchedulerType
 
 from .errors import ConfigError
+from .latents import LATENT_SAMPLING_CHOICES
 from .models import MODEL_CHOICES, model_class
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 LOGGER_CHOICES = ("none", "tensorboard", "wandb")
+# Namespace entries left out of training_args.json and tracker configs: bookkeeping, and secrets.
+NOT_RECORDED_FLAGS = ("explicit_flags", "hub_token")
 # piecewise_constant needs step rules, which no flag sets.
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType if kind.value != "piecewise_constant")
 
@@ -83,6 +86,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     add("--num_epochs", type=int, default=100, help="Training epochs; ignored when --max_train_steps is set.")
     add("--max_train_steps", type=int, default=None,
         help="Total optimizer updates; overrides --num_epochs when set.")
+    add("--max_train_minutes", type=float, default=None,
+        help="Stop at the first optimizer update past this many minutes of training, then save a checkpoint and "
+             "the pipeline as at the end. Minutes are counted as `elapsed_seconds` in train_log.jsonl: wall-clock "
+             "time of the training loop, sample grids and checkpoints included, summed over resumed runs. The "
+             "learning-rate schedule still spans --max_train_steps (or --num_epochs).")
     add("--gradient_accumulation_steps", type=int, default=1,
         help="Batches whose gradients are accumulated before each optimizer update.")
     add("--learning_rate", type=float, default=1e-4, help="Peak learning rate, reached after the warm-up.")
@@ -134,6 +142,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
     add("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
     add("--log_every_steps", type=int, default=50,
         help="Log the route count of each pool block over this many updates; 0 turns it off.")
+    add("--router_collapse_threshold", type=float, default=0.9,
+        help="Warn when one pool block takes more than this share of the routes within a --log_every_steps "
+             "window (learned routing only).")
+    add("--route_plot_every_steps", type=int, default=0,
+        help="Write `routes/step-N.png` (route heatmaps of a fixed batch noised to 10 timesteps) every this "
+             "many updates and at the end; 0 turns it off.")
     add("--sample_every_steps", type=int, default=0,
         help="Write `samples/step-N.png` every this many updates and at the end; 0 turns it off.")
     add("--sample_inference_steps", type=int, default=50, help="DDIM steps for the sample grids.")
@@ -141,6 +155,44 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
         help="Classifier-free guidance scale for the sample grids; 1.0 means no guidance.")
     add("--max_nonfinite_steps", type=int, default=10,
         help="Stop with a checkpoint after this many consecutive updates with a non-finite loss.")
+
+    # Evaluation of the saved pipeline.
+    add("--eval_at_end", action=argparse.BooleanOptionalAction, default=False,
+        help="After saving the pipeline, sample --eval_num_samples images with DDIM and write the Frechet distance "
+             "in digit-classifier features, its real-data floor and the class accuracy to eval.json in "
+             "--output_dir (as `python -m mol_diffusion.evaluation` does).")
+    add("--eval_num_samples", type=int, default=1000,
+        help="Images sampled for --eval_at_end; at least 2, and no more per class than the floor split holds.")
+    add("--eval_guidance_scale", type=float, default=1.0,
+        help="Classifier-free guidance scale for --eval_at_end; 1.0 means no guidance.")
+    add("--eval_inference_steps", type=int, default=50, help="DDIM steps for --eval_at_end.")
+    add("--eval_dataset_name", type=str, default=None,
+        help="Labelled dataset with `train` and `test` splits that scores --eval_at_end (its classifier and "
+             "held-out split); defaults to --dataset_name.")
+
+    # Latent space, speed and publishing.
+    add("--vae", type=str, default=None,
+        help="Train in the latent space of this AutoencoderKL: a local folder saved with save_pretrained, or a "
+             "hub id such as stabilityai/sd-vae-ft-ema (needs network access). The model's in_channels and "
+             "sample_size then default to the latent channels and --resolution / the VAE downscale factor, and "
+             "the saved pipeline includes the VAE.")
+    add("--vae_latent_sampling", type=str, default="sample", choices=LATENT_SAMPLING_CHOICES,
+        help="Encode images to a sample of the VAE posterior (`sample`) or to its mean (`mode`).")
+    add("--cache_latents", action=argparse.BooleanOptionalAction, default=False,
+        help="Encode the whole dataset with the VAE once before training instead of every batch. Faster, but "
+             "random crops and flips are drawn once, not per epoch. Needs --vae.")
+    add("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+        help="Recompute block activations in the backward pass: less memory, about one more forward pass of compute.")
+    add("--torch_compile", action=argparse.BooleanOptionalAction, default=False,
+        help="Compile the model with torch.compile (inductor). The first updates take minutes to compile.")
+    add("--push_to_hub", action=argparse.BooleanOptionalAction, default=False,
+        help="Upload the output folder (pipeline, model card, sample grids, log; no checkpoints) to the Hugging "
+             "Face Hub at the end. Needs network access and a token; not tested offline.")
+    add("--hub_model_id", type=str, default=None,
+        help="Hub repository for --push_to_hub, `namespace/name` or `name`; defaults to the --output_dir name.")
+    add("--hub_token", type=str, default=None,
+        help="Hub token for --push_to_hub; by default the token of `hf auth login` or the HF_TOKEN variable. "
+             "Never written to training_args.json or sent to trackers.")
     return parser, actions
 
 
@@ -148,15 +200,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[argparse.Action]]:
 _POSITIVE_INTS = (
     "resolution", "train_batch_size", "eval_batch_size", "num_epochs", "max_train_steps",
     "gradient_accumulation_steps", "ddpm_num_steps", "checkpointing_steps", "checkpoints_total_limit",
-    "sample_inference_steps", "max_nonfinite_steps",
+    "sample_inference_steps", "max_nonfinite_steps", "eval_inference_steps",
 )
-_NON_NEGATIVE_INTS = ("dataloader_num_workers", "lr_warmup_steps", "log_every_steps", "sample_every_steps")
-_POSITIVE_FLOATS = ("learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "snr_gamma")
+_NON_NEGATIVE_INTS = (
+    "dataloader_num_workers", "lr_warmup_steps", "log_every_steps", "sample_every_steps", "route_plot_every_steps",
+)
+_POSITIVE_FLOATS = (
+    "learning_rate", "adam_epsilon", "max_grad_norm", "ema_inv_gamma", "snr_gamma", "max_train_minutes",
+)
 _NON_NEGATIVE_FLOATS = (
     "adam_weight_decay", "ema_power", "router_balance_loss_weight", "router_z_loss_weight",
-    "sample_guidance_scale",
+    "sample_guidance_scale", "eval_guidance_scale",
 )
-_PROBABILITIES = ("class_dropout_prob", "ema_max_decay", "ema_min_decay")
+_PROBABILITIES = ("class_dropout_prob", "ema_max_decay", "ema_min_decay", "router_collapse_threshold")
 _HALF_OPEN_UNIT = ("adam_beta1", "adam_beta2")
 
 
@@ -218,7 +274,8 @@ def load_config_file(path: str, actions: list[argparse.Action]) -> tuple[dict[st
         try:
             document = yaml.safe_load(file)
         except yaml.YAMLError as error:
-            raise ConfigError(f"--config {path!r} is not valid YAML: {error}".replace("\n", " ")) from None
+            message = " ".join(str(error).split())  # PyYAML's message spans several indented lines
+            raise ConfigError(f"--config {path!r} is not valid YAML: {message}") from None
 
     if document is None:
         document = {}
@@ -227,7 +284,9 @@ def load_config_file(path: str, actions: list[argparse.Action]) -> tuple[dict[st
             f"--config {path!r}: expected a mapping of flag names to values, got {type(document).__name__}."
         )
 
-    model_config = document.pop("model", None) or {}
+    model_config = document.pop("model", None)
+    if model_config is None:  # no `model:` key, or an empty one
+        model_config = {}
     if not isinstance(model_config, dict):
         raise ConfigError(f"{path}: `model:` must be a mapping of model arguments, got {model_config!r}.")
 
@@ -290,6 +349,11 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(args, key, lambda v: 0.0 <= v <= 1.0, "must be a probability in [0, 1]")
     for key in _HALF_OPEN_UNIT:
         _check(args, key, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+    _check(args, "eval_num_samples", lambda v: v >= 2, "must be a whole number >= 2 to fit a covariance")
+    # accelerate's set_seed also seeds NumPy, which accepts seeds in [0, 2**32).
+    _check(args, "seed", lambda v: 0 <= v < 2**32, "must be a whole number in [0, 4294967295]")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ConfigError(f"--output_dir {args.output_dir!r} is a file, not a folder; pass a folder path.")
 
     if args.ema_min_decay > args.ema_max_decay:
         raise ConfigError(
@@ -307,6 +371,19 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError("--logger tensorboard needs the tensorboard package: pip install tensorboard")
     if args.logger == "wandb" and not is_wandb_available():
         raise ConfigError("--logger wandb needs the wandb package: pip install wandb")
+    if args.eval_at_end and args.eval_dataset_name is None and args.dataset_name is None:
+        raise ConfigError(
+            f"--eval_at_end needs a labelled dataset with train and test splits, but training reads the folder "
+            f"--train_data_dir={args.train_data_dir!r}; set --eval_dataset_name (e.g. builtin:mnist5k)."
+        )
+    if args.cache_latents and args.vae is None:
+        raise ConfigError("--cache_latents needs --vae: latents are cached only when training in latent space.")
+    if args.hub_token is not None and args.logger == "wandb":
+        # wandb records the command line, so the token would be stored with the run.
+        raise ConfigError(
+            "--hub_token cannot be combined with --logger wandb, which would record the token; "
+            "log in with `hf auth login` or set HF_TOKEN instead."
+        )
 
 
 def _check(args: argparse.Namespace, key: str, is_valid, requirement: str) -> None:
@@ -344,7 +421,7 @@ def config_for_trackers(args: argparse.Namespace) -> dict[str, Any]:
     """Flatten the namespace into scalar values that experiment trackers accept."""
     config = {}
     for key, value in vars(args).items():
-        if key == "explicit_flags":
+        if key in NOT_RECORDED_FLAGS:
             continue
         if key == "model_config":
             config.update({f"model.{name}": _scalar(item) for name, item in value.items()})

@@ -1,4 +1,4 @@
-"""Training-run bookkeeping: the JSON-lines log, route counts and the non-finite loss guard."""
+"""Training-run bookkeeping: the JSON-lines log, route counts and plots, and the non-finite loss guard."""
 
 import json
 import logging
@@ -7,7 +7,10 @@ import time
 from typing import Any, Optional
 
 import torch
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
+
+from ..visualization import plot_routes
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +100,89 @@ class RouteCounter:
         return logs
 
 
+def find_collapsed_block(counts: torch.Tensor, threshold: float) -> Optional[tuple[int, float]]:
+    """Find a block that took more than `threshold` of the routes counted in `counts` (K,).
+
+    A pool of one block and a window without routes never count as collapsed.
+
+    Returns:
+        `(block, share)` of the most used block when its share exceeds `threshold`, else `None`.
+    """
+    total = int(counts.sum())
+    if counts.numel() < 2 or total == 0:
+        return None
+    block = int(counts.argmax())
+    share = int(counts[block]) / total
+    return (block, share) if share > threshold else None
+
+
+class RoutePlotWriter:
+    """Writes route plots of a fixed batch of training images noised to a spread of timesteps.
+
+    Each call of `write` noises the same clean images with the same noise at `num_timesteps`
+    timesteps spread evenly over the training schedule, runs the model in eval mode with
+    `return_routes=True`, and plots the traces with [`plot_routes`] to `routes/step-N.png`. Token
+    maps, for token routing, show the routes at the least noisy timestep next to the clean images.
+
+    Args:
+        output_dir (`str`): Training output folder.
+        noise_scheduler ([`DDPMScheduler`]): The training noise scheduler.
+        clean_images (`torch.Tensor`): Fixed batch (B, C, H, W) in [-1, 1].
+        class_labels (`torch.LongTensor`, *optional*): Labels (B,) for a class-conditional model.
+        num_timesteps (`int`): Timesteps per plot.
+        seed (`int`): Seed of the noise.
+    """
+
+    def __init__(self, output_dir, noise_scheduler, clean_images, class_labels=None, num_timesteps=10, seed=0):
+        self.output_dir = output_dir
+        self.noise_scheduler = noise_scheduler
+        self.clean_images = clean_images
+        self.class_labels = class_labels
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
+        self.timesteps = torch.linspace(num_train_timesteps - 1, 0, num_timesteps).round().long().unique().flip(0)
+        self.noise = torch.randn(clean_images.shape, generator=torch.Generator().manual_seed(seed))
+
+    @classmethod
+    def from_dataset(cls, output_dir, noise_scheduler, dataset: Dataset, use_labels: bool, num_images: int = 8, **kwargs):
+        """Take `num_images` items spread evenly over a dataset of `pixel_values` (and `class_labels`).
+
+        Spreading the items, rather than taking the first ones, shows several classes of a dataset sorted by class.
+        """
+        positions = torch.linspace(0, len(dataset) - 1, min(num_images, len(dataset))).round().long().tolist()
+        # Random crops and flips draw from torch's generator; forking it keeps the run's data order unchanged.
+        with torch.random.fork_rng(devices=[]):
+            batch = default_collate([dataset[position] for position in positions])
+        labels = batch.get("class_labels") if use_labels else None
+        return cls(output_dir, noise_scheduler, batch["pixel_values"], labels, **kwargs)
+
+    @torch.no_grad()
+    def trace(self, model: torch.nn.Module) -> list:
+        """Return one `RouteTrace` per timestep (noisiest first), computed in eval mode."""
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        clean = self.clean_images.to(device)
+        noise = self.noise.to(device)
+        labels = None if self.class_labels is None else self.class_labels.to(device)
+        was_training = model.training
+        model.eval()
+        traces = []
+        try:
+            for timestep in self.timesteps.tolist():
+                timesteps = torch.full((len(clean),), timestep, dtype=torch.long, device=device)
+                noisy = self.noise_scheduler.add_noise(clean, noise, timesteps).to(dtype)
+                output = model(noisy, timesteps, class_labels=labels, return_routes=True)
+                traces.append(output.routes.detach_cpu())
+        finally:
+            model.train(was_training)
+        return traces
+
+    def write(self, model: torch.nn.Module, step: int) -> str:
+        """Plot the routes of `model` to `routes/step-{step}.png` and return the path."""
+        path = os.path.join(self.output_dir, "routes", f"step-{step}.png")
+        images = (self.clean_images.float() + 1) / 2  # [-1, 1] -> [0, 1]
+        return plot_routes(self.trace(model), path, images=images, title=f"Routes at training step {step}")
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive optimizer updates with a non-finite loss."""
 
@@ -155,6 +241,8 @@ class RunReporter:
 
     Route counts of MoL models are summed over `log_every_steps` updates and logged as
     `route_count/block_k` and `route_share/block_k`, both to the trackers and to the log file.
+    When one block took more than `collapse_threshold` of the routes of a window, a warning is
+    logged.
 
     Args:
         accelerator ([`Accelerator`]): Provides `log` and the main-process flags.
@@ -164,14 +252,25 @@ class RunReporter:
         images_per_update (`int`): Images per optimizer update over all processes.
         num_blocks (`int`, *optional*): K for MoL models; None for models without routes.
         log_every_steps (`int`): Route-count logging window; 0 turns route logging off.
+        collapse_threshold (`float`, *optional*): Share of a window's routes above which one block
+            counts as collapsed; None turns the check off (as for fixed routing).
     """
 
     def __init__(
-        self, accelerator, output_dir, resume_step, max_train_steps, images_per_update, num_blocks, log_every_steps
+        self,
+        accelerator,
+        output_dir,
+        resume_step,
+        max_train_steps,
+        images_per_update,
+        num_blocks,
+        log_every_steps,
+        collapse_threshold=None,
     ):
         self.accelerator = accelerator
         self.images_per_update = images_per_update
         self.log_every_steps = log_every_steps
+        self.collapse_threshold = collapse_threshold
         self.routes = RouteCounter(num_blocks) if num_blocks and log_every_steps else None
         self.throughput = Throughput()
         self.train_log = TrainLog(output_dir, resume_step, enabled=accelerator.is_main_process)
@@ -202,6 +301,7 @@ class RunReporter:
         if ema_decay is not None:
             logs["ema_decay"] = ema_decay
         if self.routes is not None and step % self.log_every_steps == 0:
+            self._warn_on_collapse()
             route_logs = self.routes.flush()
             logs.update(route_logs)
             counts = [value for key, value in route_logs.items() if key.startswith("route_count/")]
@@ -216,3 +316,15 @@ class RunReporter:
 
     def close(self) -> None:
         self.progress_bar.close()
+
+    def _warn_on_collapse(self) -> None:
+        if self.collapse_threshold is None:
+            return
+        collapsed = find_collapsed_block(self.routes.counts, self.collapse_threshold)
+        if collapsed is not None:
+            block, share = collapsed
+            logger.warning(
+                "router collapse: block %d took %.0f%% of routes over the last %d steps (threshold %.0f%%); "
+                "a larger router_balance_loss_weight spreads the routes.",
+                block, 100 * share, self.log_every_steps, 100 * self.collapse_threshold,
+            )

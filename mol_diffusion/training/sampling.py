@@ -5,11 +5,12 @@ import os
 from typing import Optional
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
 
 from ..pipelines import MoLPipeline
+from ..pipelines.pipeline_mol import denoiser_num_classes
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def save_sample_grid(
     guidance_scale: float,
     ema_model: Optional[EMAModel] = None,
     seed: int = 0,
+    vae: Optional[AutoencoderKL] = None,
 ) -> str:
     """Sample a grid with `MoLPipeline` and DDIM and save it as a PNG.
 
@@ -50,11 +52,13 @@ def save_sample_grid(
         guidance_scale (`float`): Classifier-free guidance scale; 1.0 means none.
         ema_model ([`EMAModel`], *optional*): EMA weights to sample with.
         seed (`int`): Seed of the initial noise.
+        vae ([`AutoencoderKL`], *optional*): Decoder for a latent-space model; the grid then shows
+            decoded images.
 
     Returns:
         `str`: The path written.
     """
-    num_classes = model.config.num_classes
+    num_classes = denoiser_num_classes(model)
     if num_classes is not None:
         num_rows = min(num_classes, MAX_GRID_CLASSES)
         if num_rows < num_classes:
@@ -69,7 +73,7 @@ def save_sample_grid(
         ema_model.store(model.parameters())
         ema_model.copy_to(model.parameters())
     try:
-        pipeline = MoLPipeline(transformer=model, scheduler=sampling_scheduler(noise_scheduler))
+        pipeline = MoLPipeline(transformer=model, scheduler=sampling_scheduler(noise_scheduler), vae=vae)
         pipeline.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         images = pipeline(

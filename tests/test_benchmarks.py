@@ -1,0 +1,195 @@
+"""Smoke tests of benchmarks/speed.py and benchmarks/quality.py, and train_unet.py's --max_train_minutes."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mol_diffusion.evaluation import get_digit_classifier
+from mol_diffusion.training import ConfigError, parse_training_args
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+TINY_CONFIG = {
+    "dataset_name": "builtin:digits",
+    "resolution": 8,
+    "train_batch_size": 8,
+    "learning_rate": 1.0e-3,
+    "lr_warmup_steps": 0,
+    "lr_scheduler": "cosine",
+    "ddpm_num_steps": 100,
+    "seed": 0,
+    "model": {
+        "patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 8, "num_pool_blocks": 2,
+        "num_routing_steps": 2, "router_hidden_size": 8,
+    },
+}
+# Small speed.py settings: 8x8 images, width 16, one timed repeat.
+TINY_SPEED_FLAGS = [
+    "--batch_size", "4", "--resolution", "8", "--width", "16", "--heads", "2", "--repeats", "1",
+    "--num_inference_steps", "1", "--threads", "1",
+]
+
+
+def run(command, timeout=300, env=None):
+    return subprocess.run(
+        [sys.executable, *map(str, command)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def load_speed_module():
+    spec = importlib.util.spec_from_file_location("speed_benchmark", BENCHMARKS / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG))
+    return path
+
+
+# train_unet.py --max_train_minutes
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    """A run with 10000 updates planned and a budget of 0.01 minutes (0.6 s)."""
+    folder = tmp_path_factory.mktemp("budget")
+    config = folder / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY_CONFIG))
+    result = run([
+        REPO_ROOT / "train_unet.py", "--config", config, "--output_dir", folder / "out", "--max_train_steps", "10000",
+        "--max_train_minutes", "0.01", "--checkpointing_steps", "10000",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (folder / "out" / "train_log.jsonl").read_text().splitlines()]
+    return folder / "out", records, result.stderr
+
+
+def test_time_budget_stops_training(budget_run):
+    output_dir, records, stderr = budget_run
+    last_step = records[-1]["step"]
+    assert 1 <= last_step < 10000
+    assert f"Stopped at step {last_step}" in stderr
+
+
+def test_time_budget_stops_after_budget(budget_run):
+    _, records, _ = budget_run
+    # Every update before the last was logged before a budget check that found time left.
+    for record in records[:-1]:
+        assert record["elapsed_seconds"] < 0.6, record["step"]
+
+
+def test_time_budget_saves_checkpoint_and_pipeline(budget_run):
+    output_dir, records, _ = budget_run
+    assert (output_dir / f"checkpoint-{records[-1]['step']}").is_dir()
+    assert (output_dir / "model_index.json").is_file()
+
+
+def test_time_budget_keeps_lr_schedule(budget_run):
+    _, records, _ = budget_run
+    step = records[-1]["step"]
+    # Cosine decay over the planned 10000 updates, not over the updates that fit in the budget.
+    expected = 1.0e-3 * 0.5 * (1 + math.cos(math.pi * step / 10000))
+    assert records[-1]["lr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(ConfigError, match="max_train_minutes=0.0"):
+        parse_training_args(["--dataset_name", "builtin:digits", "--max_train_minutes", "0"])
+
+
+# benchmarks/speed.py
+
+
+def test_per_sample_loop_matches_dispatch():
+    speed = load_speed_module()
+    args = speed.parse_args(TINY_SPEED_FLAGS)
+    grouped = speed.build_variant("mol", args)
+    looped = speed.build_variant("per-sample-loop", args)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([0, 100, 300, 500, 700, 999])
+    labels = torch.arange(6)
+    with torch.no_grad():
+        grouped_output = grouped.eval()(x, timesteps, class_labels=labels, return_routes=True)
+        looped_output = looped.eval()(x, timesteps, class_labels=labels)
+    assert grouped_output.routes.indices.unique().numel() > 1  # the batch really splits into groups
+    torch.testing.assert_close(looped_output.sample, grouped_output.sample)
+
+
+def test_speed_variants_share_width():
+    speed = load_speed_module()
+    args = speed.parse_args(TINY_SPEED_FLAGS)
+    for name in ("mol", "sequential-8", "sequential-4", "cyclic", "token", "dit"):
+        config = speed.build_variant(name, args).config
+        assert config.num_attention_heads * config.attention_head_dim == 16, name
+
+
+def test_speed_writes_tables(tmp_path):
+    result = run([
+        BENCHMARKS / "speed.py", *TINY_SPEED_FLAGS, "--variants", "mol,sequential-8,dit,per-sample-loop",
+        "--output_json", tmp_path / "speed.json", "--output_md", tmp_path / "speed.md",
+    ])
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "speed.json").read_text())
+    assert list(results["variants"]) == ["mol", "sequential-8", "dit", "per-sample-loop"]
+    row = results["variants"]["mol"]
+    assert row["train_images_per_second"] == pytest.approx(4 / row["train_step_seconds"])
+    assert row["sampling_images_per_second"] > 0
+    assert row["train_peak_memory_mib"] >= 0
+    assert {goal["ratio"] for goal in results["goals"]} == {"mol / sequential-8", "per-sample-loop / mol", "mol / dit"}
+    assert len(results["load_average_before"]) == 3
+    assert "torch" in results["machine"]
+    report = (tmp_path / "speed.md").read_text()
+    assert "| per-sample-loop |" in report
+    assert "Load average" in report
+
+
+def test_speed_rejects_unknown_variant(capsys):
+    speed = load_speed_module()
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--variants", "mol,moe"])
+    assert "unknown ['moe']" in capsys.readouterr().err
+
+
+# benchmarks/quality.py
+
+
+def test_quality_smoke(tmp_path, tmp_path_factory):
+    cache_dir = tmp_path_factory.getbasetemp() / "digits_classifier_cache"
+    get_digit_classifier(cache_dir=cache_dir, dataset_name="builtin:digits")
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text(yaml.safe_dump(TINY_CONFIG))
+    output_dir = tmp_path / "quality"
+    result = run(
+        [
+            BENCHMARKS / "quality.py", "--config", base_config, "--budget_minutes", "0.01", "--eval_points", "2",
+            "--variants", "sequential-4", "--width", "16", "--heads", "2", "--eval_num_samples", "10",
+            "--eval_inference_steps", "1", "--output_dir", output_dir,
+        ],
+        env={**os.environ, "MOL_DIFFUSION_CACHE": str(cache_dir)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    results = json.loads((output_dir / "quality.json").read_text())
+    points = results["variants"]["sequential-4"]["points"]
+    assert [point["segment"] for point in points] == [1, 2]
+    assert points[0]["step"] < points[1]["step"]  # the second segment resumed and trained on
+    assert points[0]["training_minutes"] < points[1]["training_minutes"]
+    for point in points:
+        assert point["frechet_distance"] > 0
+        assert 0.0 <= point["class_accuracy"] <= 1.0
+    assert (output_dir / "sequential-4" / "eval-segment-2.json").is_file()
+    assert (output_dir / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (output_dir / "quality.md").read_text().count("| sequential-4 |") == 2
