@@ -13,7 +13,7 @@ DEMO_CONFIG ?= configs/mnist_mol_cpu.yaml
 DEMO_OUTPUT_DIR ?= outputs/mnist_mol_cpu
 # Guidance scale, scheduler and step count for the demo grid, e.g.
 # `make demo DEMO_SAMPLE_ARGS="--guidance_scale 2.5"`.
-DEMO_SAMPLE_ARGS ?= --guidance_scale 3 --scheduler ddim --num_inference_steps 50 --seed 0
+DEMO_SAMPLE_ARGS ?= --guidance_scale 1 --scheduler ddim --num_inference_steps 50 --seed 0
 
 .PHONY: install test demo clean distclean
 

@@ -181,6 +181,19 @@ def test_dit_pipeline_runs_mol_transformer():
     assert images.max() <= 1.0
 
 
+def test_dit_pipeline_accepts_default_out_channels():
+    # out_channels=None resolves to in_channels in the saved config, so DiTPipeline's
+    # `config.out_channels // 2` works and it treats the model as one without learned variance.
+    transformer = make_transformer(out_channels=None)
+    assert transformer.config.out_channels == LATENT_CHANNELS
+    pipe = DiTPipeline(transformer=transformer, vae=make_vae(), scheduler=DDIMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+
+    images = pipe(class_labels=[1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
+
+    assert images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
 def test_dit_pipeline_matches_mol_pipeline():
     # Same noise, DDIM and guidance: equal images only if DiTPipeline's null label 1000 reaches the
     # model's null class (label 3 here), as MoLPipeline passes it.

@@ -156,6 +156,8 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
         super().__init__()
         self._validate_config()
         out_channels = in_channels if out_channels is None else out_channels
+        # Store the resolved value: DiTPipeline reads `config.out_channels // 2` and fails on None.
+        self.register_to_config(out_channels=out_channels)
         hidden_size = num_attention_heads * attention_head_dim
         self.gradient_checkpointing = False
         self._route_table: Optional[RouteTable] = None  # set by set_route_table; never saved
