@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mol_diffusion import MoLTransformer2DModel
+from helpers import make_tiny_model, perturb_weights_
 
 HEADS = 2
 HEAD_DIM = 8
@@ -16,16 +17,8 @@ BATCH = 3
 
 def make_model(perturb=True, **overrides):
     """Tiny model; `perturb` adds noise to every weight so the zero-initialised gates and output open."""
-    config = dict(sample_size=8, patch_size=2, in_channels=1, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM)
-    config.update(num_pool_blocks=3, num_routing_steps=4, num_classes=NUM_CLASSES, router_hidden_size=16)
-    config.update(overrides)
-    torch.manual_seed(0)
-    model = MoLTransformer2DModel(**config)
-    if perturb:
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    return model
+    config = dict(num_pool_blocks=3, num_routing_steps=4, num_classes=NUM_CLASSES)
+    return make_tiny_model(perturb, **{**config, **overrides})
 
 
 def noisy_images(batch_size=BATCH, channels=1, seed=1):
@@ -328,10 +321,7 @@ def test_identity_init_options_keep_fresh_output():
     # Long skips start as [I | 0] and the output conv as a zero residual, so an untrained model with
     # them computes the same prediction as the same weights without them.
     torch.manual_seed(0)
-    plain = make_model(perturb=False, num_routing_steps=4)
-    with torch.no_grad():
-        for parameter in plain.parameters():
-            parameter.add_(0.2 * torch.randn_like(parameter))
+    plain = perturb_weights_(make_model(perturb=False, num_routing_steps=4))
     extended = make_model(perturb=False, num_routing_steps=4, long_skip=True, final_conv=True)
     missing, unexpected = extended.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected

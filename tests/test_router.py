@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mol_diffusion import MoLTransformer2DModel
 from mol_diffusion.models.dispatch import scale_update
+
+from helpers import make_tiny_model
 
 NUM_BLOCKS = 3
 NUM_STEPS = 4
@@ -16,17 +17,8 @@ NUM_CLASSES = 5
 
 def make_model(perturb=True, **overrides):
     """Tiny model; `perturb` adds noise to every weight so the zero-initialised adaLN gates open."""
-    config = dict(sample_size=8, patch_size=2, in_channels=1, num_attention_heads=2, attention_head_dim=8)
-    config.update(num_pool_blocks=NUM_BLOCKS, num_routing_steps=NUM_STEPS, num_classes=NUM_CLASSES)
-    config.update(router_hidden_size=16)
-    config.update(overrides)
-    torch.manual_seed(0)
-    model = MoLTransformer2DModel(**config)
-    if perturb:
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    return model
+    config = dict(num_pool_blocks=NUM_BLOCKS, num_routing_steps=NUM_STEPS, num_classes=NUM_CLASSES)
+    return make_tiny_model(perturb, **{**config, **overrides})
 
 
 def make_inputs(batch_size=6, seed=1):

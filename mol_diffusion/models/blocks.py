@@ -43,7 +43,7 @@ class MoLBlock(nn.Module):
         """Xavier-initialise the projections and zero the adaLN modulation.
 
         Zero modulation makes every gate zero, so each block starts as the identity. A fresh
-        model is then stable at any routing depth, and the router sees the same input whatever
+        model is then stable at any routing depth, and the router gets the same input whatever
         it picks until the first update makes the gates non-zero.
         """
         for layer in (self.to_qkv, self.to_out, self.fc1, self.fc2):

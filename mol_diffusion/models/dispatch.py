@@ -1,7 +1,7 @@
 """Dispatch: run each routing group through its pool block once and scatter the results back.
 
 No Python loop runs over samples or tokens; the only loop is over the K pool blocks, and blocks
-that nobody chose are skipped. All results are gathered and scattered out of place, so autograd
+with no samples or tokens are skipped. All results are gathered and scattered out of place, so autograd
 sees ordinary index operations.
 """
 

@@ -77,7 +77,7 @@ def _check_number(name: str, value, minimum: float, allow_equal: bool = True) ->
 class MoLTransformer2DModel(ModelMixin, ConfigMixin):
     """Mixture-of-Layers diffusion transformer for images or latents.
 
-    The image is cut into patch tokens; a [`LayerRouter`] then walks the tokens through
+    The image is cut into patch tokens. A [`LayerRouter`] then walks the tokens through
     `num_routing_steps` (S) applications of blocks drawn from a shared pool of `num_pool_blocks`
     (K) adaLN-Zero transformer blocks, in any order and with repeats. Compute per forward is S
     blocks, parameters are K blocks. Conditioning (timestep embedding plus class embedding) is
@@ -265,7 +265,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
 
         Linear layers are Xavier-uniform with zero bias and the patch projection is Xavier on its
         flattened kernel (as DiT). Every block's adaLN modulation and the final layer start at zero,
-        so each block is the identity and the model predicts zero until training moves them; this
+        so each block is the identity and the model predicts zero until training moves them. This
         keeps a deep routed walk stable at initialisation. The router starts with small random
         output weights (see `LayerRouter.initialize_weights`).
         """
@@ -431,7 +431,7 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
     ) -> tuple[torch.Tensor, list[RouteDecision]]:
         """Run the S routing steps: (B, T, D) -> (B, T, D), with the decision of each step.
 
-        `planned` holds one decision per step from a route table; the router is then not called.
+        `planned` contains one decision per step from a route table, and then the router is not called.
         """
         num_steps = self.config.num_routing_steps
         decisions = []
@@ -586,7 +586,7 @@ class ConvHead(nn.Module):
     """Convolutional output head: unpatchified features and stem features, FiLM-conditioned on `cond`.
 
     Two 3x3 convolutions, with a shift and scale from the conditioning vector between them (as a
-    U-Net residual block reads its time embedding), so the full-resolution path also sees the
+    U-Net residual block reads its time embedding), so the full-resolution path also reads the
     timestep and class. The modulation and the last convolution start at zero.
     """
 
