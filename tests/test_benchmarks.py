@@ -86,9 +86,10 @@ def test_time_budget_stops_training(budget_run):
 
 def test_time_budget_stops_after_budget(budget_run):
     _, records, _ = budget_run
-    # Every update before the last was logged before a budget check that found time left.
+    # Every update before the last was logged before a budget check that found time left. The log
+    # rounds elapsed seconds to 3 decimals, so an update at 0.5996 s is logged as 0.6.
     for record in records[:-1]:
-        assert record["elapsed_seconds"] < 0.6, record["step"]
+        assert record["elapsed_seconds"] < 0.6 + 0.0005, record["step"]
 
 
 def test_time_budget_saves_checkpoint_and_pipeline(budget_run):
