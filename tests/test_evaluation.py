@@ -209,6 +209,25 @@ def test_real_images_class_accuracy_high(classifier, held_out):
     assert results["real_floor"] > 0
 
 
+def test_reference_resized_to_sample_resolution(classifier, held_out):
+    images, labels = held_out
+    # The held-out split as a 16x16 model would see it, resized independently of the evaluator.
+    small = torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear", antialias=True)
+    small = torch.round(small * 255).clamp(0, 255) / 255
+
+    matched = evaluate_images(small, labels, classifier=classifier)
+    native = evaluate_images(small, labels, classifier=classifier, match_resolution=False)
+
+    assert matched["reference_resolution"] == [16, 16]
+    assert native["reference_resolution"] == [28, 28]
+    assert matched["frechet_distance"] == pytest.approx(0.0, abs=1e-6)  # the resized reference set itself
+    assert native["frechet_distance"] > matched["real_floor"]  # lost detail counts against native-size samples
+    assert native["real_floor"] == pytest.approx(
+        evaluate_images(images, labels, classifier=classifier)["real_floor"]
+    )
+    assert matched["real_class_accuracy"] >= 0.9
+
+
 def test_shuffled_labels_class_accuracy_low(classifier, held_out):
     images, labels = held_out
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]

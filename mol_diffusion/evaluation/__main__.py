@@ -28,9 +28,11 @@ TABLE_ROWS = (
     "frechet_distance",
     "real_floor",
     "class_accuracy",
+    "real_class_accuracy",
     "classifier_test_accuracy",
     "num_samples",
     "num_reference_images",
+    "reference_resolution",
     "scheduler",
     "num_inference_steps",
     "guidance_scale",
@@ -124,6 +126,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help="Cache folder of the digit classifier (default: $MOL_DIFFUSION_CACHE or ~/.cache/mol_diffusion).",
     )
+    parser.add_argument(
+        "--native_resolution_reference",
+        action="store_true",
+        help="Compare with the reference images at the dataset's resolution. By default they are resized to "
+             "the sample resolution first, as the training data was.",
+    )
     parser.add_argument("--device", default="cpu", help="Device for sampling and features (default: cpu).")
     return parser.parse_args(argv)
 
@@ -188,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         feature_extractor=feature_extractor,
         classifier=classifier,
         dataset_name=args.dataset_name,
+        match_resolution=not args.native_resolution_reference,
     )
     results["model_dir"] = str(model_dir)
     return results

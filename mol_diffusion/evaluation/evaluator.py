@@ -7,6 +7,11 @@ Sizes compared (all from one dataset, `builtin:mnist5k` by default):
 - `real_floor`: `num_samples` real images drawn from the "train" split, with the same labels as the
   evaluated images when labels are given, against the same held-out reference. It is the distance of
   a perfect generator at this sample size, because the distance is biased upwards at small sizes.
+
+When the evaluated images are smaller or larger than the dataset's images (a model trained on MNIST
+resized to 16x16, say), the reference and floor images are first resized to the evaluated size, the
+way the training data was resized. Otherwise the distance would mostly measure the detail lost to the
+lower resolution, which no generator at that resolution can recover.
 """
 
 import logging
@@ -15,13 +20,14 @@ from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from .classifier import DEFAULT_DATASET, DigitClassifier, get_digit_classifier
 from ..pipelines.pipeline_mol import denoiser_num_classes
 from ..pipelines.schedulers import SCHEDULERS, scheduler_from_name
-from .frechet import FeatureStatistics, compute_feature_statistics, frechet_distance_from_statistics
+from .frechet import compute_feature_statistics, frechet_distance_from_statistics
 from .images import ImageBatch, load_split_images, to_image_tensor
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,7 @@ def evaluate_images(
     seed: int = 0,
     compute_floor: bool = True,
     cache_dir: Optional[str] = None,
+    match_resolution: bool = True,
 ) -> dict:
     r"""
     Score a batch of images against the held-out split of a labelled dataset.
@@ -67,11 +74,16 @@ def evaluate_images(
         seed (`int`, defaults to 0): Seed of the real floor sample.
         compute_floor (`bool`, defaults to `True`): Whether to compute `real_floor`.
         cache_dir (`str`, *optional*): Cache folder of the classifier weights.
+        match_resolution (`bool`, defaults to `True`): Resize the reference and floor images to the
+            height and width of `images` (bilinear, antialiased, rounded to 8 bits like the training
+            data) before extracting features. `False` compares against the dataset's own resolution.
 
     Returns:
-        `dict`: `frechet_distance`, `real_floor` (or `None`), `class_accuracy` and `per_class_accuracy`
-        (or `None` without labels), `predicted_class_counts`, `classifier_test_accuracy`, `metric`,
-        `feature_dim`, `dataset_name`, `reference_split`, `num_reference_images`, `floor_split`,
+        `dict`: `frechet_distance`, `real_floor` (or `None`), `real_class_accuracy` (the class accuracy
+        of the floor images, or `None` without labels or floor), `class_accuracy` and
+        `per_class_accuracy` (or `None` without labels), `predicted_class_counts`,
+        `classifier_test_accuracy`, `metric`, `feature_dim`, `dataset_name`, `reference_split`,
+        `reference_resolution` (`[H, W]` after matching), `num_reference_images`, `floor_split`,
         `num_samples`, `seed` and `evaluation_seconds`.
     """
     start_time = time.perf_counter()
@@ -89,17 +101,25 @@ def evaluate_images(
     if compute_floor:
         _check_floor_size(dataset_name, num_samples, labels)
 
+    resolution = tuple(images.shape[-2:]) if match_resolution else None
+
     # 1. Distance of the images to the held-out reference.
-    reference = _reference_statistics(feature_extractor, dataset_name)
+    # NOTE: the reference statistics are recomputed on every call. That is cheap for the digit
+    # classifier, but Inception features of the 1000 reference images took about 7 minutes on 2 CPU cores.
+    reference_images, _ = load_split_images(dataset_name, REFERENCE_SPLIT)
+    reference_images = _resize_like_training_data(reference_images, resolution)
+    reference = compute_feature_statistics(feature_extractor.features(reference_images))
     statistics = compute_feature_statistics(feature_extractor.features(images))
     distance = frechet_distance_from_statistics(statistics, reference)
 
-    # 2. The same distance for real images at the same size.
-    real_floor = None
+    # 2. The same distance for real images at the same size and resolution.
+    real_floor, real_class_accuracy = None, None
     if compute_floor:
-        real_images = _real_sample(dataset_name, num_samples, labels, seed)
+        real_images = _resize_like_training_data(_real_sample(dataset_name, num_samples, labels, seed), resolution)
         real_statistics = compute_feature_statistics(feature_extractor.features(real_images))
         real_floor = frechet_distance_from_statistics(real_statistics, reference)
+        if labels is not None:
+            real_class_accuracy = (classifier.predict(real_images) == labels).float().mean().item()
 
     # 3. Class predictions of the digit classifier.
     predictions = classifier.predict(images)
@@ -114,6 +134,7 @@ def evaluate_images(
     return {
         "frechet_distance": distance,
         "real_floor": real_floor,
+        "real_class_accuracy": real_class_accuracy,
         "class_accuracy": class_accuracy,
         "per_class_accuracy": per_class_accuracy,
         "predicted_class_counts": torch.bincount(predictions, minlength=classifier.num_classes).tolist(),
@@ -122,6 +143,7 @@ def evaluate_images(
         "feature_dim": int(statistics.mean.shape[0]),
         "dataset_name": dataset_name,
         "reference_split": REFERENCE_SPLIT,
+        "reference_resolution": list(reference_images.shape[-2:]),
         "num_reference_images": reference.num_samples,
         "floor_split": FLOOR_SPLIT,
         "num_samples": num_samples,
@@ -143,6 +165,7 @@ def evaluate_pipeline(
     classifier: Optional[DigitClassifier] = None,
     dataset_name: str = DEFAULT_DATASET,
     cache_dir: Optional[str] = None,
+    match_resolution: bool = True,
 ) -> dict:
     r"""
     Sample images from a pipeline and score them with [`evaluate_images`].
@@ -164,7 +187,7 @@ def evaluate_pipeline(
             scheduler built from the pipeline's scheduler config. `None` keeps the pipeline's scheduler.
         seed (`int`, defaults to 0): Seed of the initial noise and of the real floor sample.
         batch_size (`int`, defaults to 100): Images per pipeline call.
-        feature_extractor, classifier, dataset_name, cache_dir: As in [`evaluate_images`].
+        feature_extractor, classifier, dataset_name, cache_dir, match_resolution: As in [`evaluate_images`].
 
     Returns:
         `dict`: The results of [`evaluate_images`] plus `class_conditional`, `guidance_scale`,
@@ -216,6 +239,7 @@ def evaluate_pipeline(
         dataset_name=dataset_name,
         seed=seed,
         cache_dir=cache_dir,
+        match_resolution=match_resolution,
     )
     results.update(
         class_conditional=class_conditional,
@@ -229,11 +253,16 @@ def evaluate_pipeline(
     return results
 
 
-def _reference_statistics(feature_extractor: FeatureExtractor, dataset_name: str) -> FeatureStatistics:
-    # NOTE: recomputed on every call. That is cheap for the digit classifier, but Inception features
-    # of the 1000 reference images took about 7 minutes on 2 CPU cores.
-    images, _ = load_split_images(dataset_name, REFERENCE_SPLIT)
-    return compute_feature_statistics(feature_extractor.features(images))
+def _resize_like_training_data(images: torch.Tensor, resolution: Optional[tuple[int, int]]) -> torch.Tensor:
+    """Resize `(N, C, H, W)` images in [0, 1] to `resolution` as `mol_diffusion.data` resizes training images.
+
+    The training pipeline resizes 8-bit images with antialiased bilinear interpolation and keeps 8 bits,
+    so the result is rounded to multiples of 1/255. `None` or the current size returns `images` unchanged.
+    """
+    if resolution is None or tuple(images.shape[-2:]) == resolution:
+        return images
+    resized = F.interpolate(images, size=resolution, mode="bilinear", antialias=True, align_corners=False)
+    return (resized * 255).round().clamp(0, 255) / 255
 
 
 def _real_sample(
