@@ -9,6 +9,11 @@ the class accuracy. Training minutes are the `elapsed_seconds` of `train_log.jso
 the training loop and checkpoints but not process start-up or evaluation. Segments run in
 round-robin over the variants, so a change in machine load affects all variants alike.
 
+The MoL-family variants (`mol`, `sequential-*`, `cyclic`, `token`) keep the base config's `model:`
+options that do not define the variant, such as `long_skip`, `final_conv`, `conv_channels` and the
+router losses, so they differ from each other only in routing, pool size and depth. `dit` and `unet`
+are diffusers' models as `train_unet.py` builds them.
+
 The learning rate defaults to a constant after warm-up, because the number of updates that fit
 in the budget differs between variants and is not known in advance.
 
@@ -48,6 +53,11 @@ TRAIN_SCRIPT = REPO_ROOT / "train_unet.py"
 # The per-sample loop differs from `mol` in speed only, so it has no quality of its own.
 VARIANTS = tuple(name for name in SPEED_VARIANTS if name != "per-sample-loop")
 DEFAULT_VARIANTS = ("mol", "sequential-8", "dit", "unet")
+# Model keys that define a MoL variant; the base config's other `model:` options carry over.
+MOL_VARIANT_KEYS = (
+    "patch_size", "num_attention_heads", "attention_head_dim", "num_pool_blocks", "num_routing_steps",
+    "router_mode", "router_granularity",
+)
 # Base-config keys that quality.py sets itself for every run.
 OVERRIDDEN_KEYS = ("output_dir", "resume_from_checkpoint", "sample_every_steps", "eval_at_end")
 
@@ -58,8 +68,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--config", type=str, default=str(REPO_ROOT / "configs" / "mnist_mol_cpu.yaml"),
-        help="Base train_unet.py config: data, schedule, optimiser and EMA. Its `model:` mapping is replaced by "
-             "each variant's.",
+        help="Base train_unet.py config: data, schedule, optimiser and EMA. MoL variants keep its `model:` options "
+             "apart from patch size, width, pool, depth and routing; dit and unet ignore them.",
     )
     parser.add_argument("--budget_minutes", type=float, default=10.0, help="Training minutes per variant.")
     parser.add_argument("--eval_points", type=int, default=4, help="Evaluations per variant, evenly spaced in time.")
@@ -71,7 +81,11 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=128, help="Transformer width D = heads x head dim.")
     parser.add_argument("--heads", type=int, default=4, help="Attention heads; must divide --width.")
     parser.add_argument("--eval_num_samples", type=int, default=500, help="Images sampled per evaluation.")
-    parser.add_argument("--eval_guidance_scale", type=float, default=2.0, help="Classifier-free guidance scale.")
+    parser.add_argument(
+        "--eval_guidance_scale", type=float, default=1.0,
+        help="Classifier-free guidance scale. 1.0 means no guidance: guidance 3 made the demo model worse, because "
+             "short runs train its null class little.",
+    )
     parser.add_argument("--eval_inference_steps", type=int, default=50, help="DDIM steps per evaluation sample.")
     parser.add_argument(
         "--lr_scheduler", type=str, default="constant_with_warmup",
@@ -108,9 +122,15 @@ def parse_args(argv=None):
     return args
 
 
-def write_variant_config(args, base: dict, name: str, folder: Path) -> tuple[str, Path]:
-    """Write the base config with the variant's `model:` mapping; return (`--model` value, config path)."""
+def write_variant_config(args, base: dict, base_model: dict, name: str, folder: Path) -> tuple[str, Path]:
+    """Write the base config with the variant's `model:` mapping; return (`--model` value, config path).
+
+    A MoL variant's mapping is the base config's `model:` options updated with the variant's own keys.
+    """
     model_name, model_config = model_configs(args)[name]
+    if model_name == "mol":
+        shared = {key: value for key, value in base_model.items() if key not in MOL_VARIANT_KEYS}
+        model_config = {**shared, **model_config}
     config = {key: value for key, value in base.items() if key not in OVERRIDDEN_KEYS}
     config["model"] = model_config
     config["max_train_steps"] = args.max_train_steps
@@ -215,10 +235,10 @@ def main(args) -> int:
     output_root = Path(args.output_dir)
     output_root.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(Path(args.config).read_text()) or {}
-    base.pop("model", None)
+    base_model = base.pop("model", None) or {}
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
-    runs = {name: write_variant_config(args, base, name, output_root) for name in args.variants}
+    runs = {name: write_variant_config(args, base, base_model, name, output_root) for name in args.variants}
     results = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": started.isoformat(timespec="seconds"),

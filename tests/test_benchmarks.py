@@ -167,6 +167,31 @@ def test_speed_rejects_unknown_variant(capsys):
 # benchmarks/quality.py
 
 
+def test_quality_variants_keep_base_model_options(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # quality.py imports speed.py from its own folder
+    quality = importlib.import_module("quality")
+    base_config = tmp_path / "base.yaml"
+    base_config.write_text(yaml.safe_dump(TINY_CONFIG))
+    args = quality.parse_args(["--config", str(base_config), "--width", "16", "--heads", "2"])
+    base_model = {"long_skip": True, "conv_channels": 8, "num_pool_blocks": 99, "router_mode": "cyclic"}
+
+    configs = {}
+    for name in ("sequential-4", "token", "dit"):
+        model_name, path = quality.write_variant_config(args, {"seed": 3}, base_model, name, tmp_path)
+        configs[name] = (model_name, yaml.safe_load(path.read_text()))
+
+    model_name, sequential = configs["sequential-4"]
+    assert model_name == "mol"
+    assert sequential["seed"] == 3
+    assert sequential["model"]["long_skip"] is True
+    assert sequential["model"]["conv_channels"] == 8
+    assert sequential["model"]["num_pool_blocks"] == 4  # the variant's own keys win
+    assert sequential["model"]["router_mode"] == "sequential"
+    assert configs["token"][1]["model"]["router_granularity"] == "token"
+    assert configs["dit"][0] == "dit"
+    assert "long_skip" not in configs["dit"][1]["model"]
+
+
 def test_quality_smoke(tmp_path, tmp_path_factory):
     cache_dir = tmp_path_factory.getbasetemp() / "digits_classifier_cache"
     get_digit_classifier(cache_dir=cache_dir, dataset_name="builtin:digits")
