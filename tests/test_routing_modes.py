@@ -255,6 +255,23 @@ def test_route_table_rejects_activation_routes():
         model.tabulate_routes([10])
 
 
+def test_timestep_only_table_warns_one_block_per_timestep(caplog):
+    with caplog.at_level("WARNING", logger="mol_diffusion.models.mol_transformer_2d"):
+        model = table_model(router_condition="timestep")
+    assert "same block at all 4 routing steps" in caplog.text
+
+    table = model.tabulate_routes([999, 500, 10])
+
+    # The warning's claim: each (timestep, class) row repeats one block over the routing steps.
+    assert torch.equal(table.indices, table.indices[..., :1].expand_as(table.indices))
+
+
+def test_step_and_timestep_table_does_not_warn(caplog):
+    with caplog.at_level("WARNING", logger="mol_diffusion.models.mol_transformer_2d"):
+        table_model(router_condition="step_and_timestep")
+    assert "routing steps" not in caplog.text
+
+
 def test_route_table_missing_timestep_raises():
     model = table_model()
     model.set_route_table(model.tabulate_routes([999, 500]))

@@ -259,6 +259,13 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
                 "router_input='none' gives every token of an image the same route, so "
                 "router_granularity='token' has nothing to choose per token; use router_granularity='sample'."
             )
+        if config.router_mode == "learned" and config.router_input == "none" and config.router_condition == "timestep":
+            logger.warning(
+                "router_input='none' with router_condition='timestep' gives the router neither the activations "
+                "nor the routing step, so it picks the same block at all %d routing steps for a given timestep "
+                "and class. Use router_condition='step_and_timestep' for a route that changes between steps.",
+                config.num_routing_steps,
+            )
 
     def initialize_weights(self) -> None:
         """Initialise all weights explicitly.
