@@ -3,9 +3,6 @@
 import json
 import logging
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,28 +19,16 @@ from mol_diffusion.evaluation import get_digit_classifier
 from mol_diffusion.pipelines.pipeline_mol import denoiser_null_class_label, denoiser_num_classes
 from mol_diffusion.training import ConfigError, build_model, parse_training_args
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train_unet.py"
+from helpers import TINY_TRAIN_MODEL, read_train_log, run_training, tiny_train_config
+
 NUM_CLASSES = 10  # builtin:digits
 
-BASE_CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": 8,
-    "train_batch_size": 8,
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 0,
-    "ddpm_num_steps": 100,
-    "use_ema": True,
-    "seed": 0,
-}
+BASE_CONFIG = {key: value for key, value in tiny_train_config(use_ema=True).items() if key != "model"}
 # Tiny models for 8x8 images; the UNet halves 8 -> 4 once and uses 8 groups in its GroupNorms.
 MODEL_CONFIGS = {
     "dit": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2},
     "unet": {"block_out_channels": [16, 16], "norm_num_groups": 8},
-    "mol": {
-        "patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 8, "num_pool_blocks": 2,
-        "num_routing_steps": 2, "router_hidden_size": 8,
-    },
+    "mol": TINY_TRAIN_MODEL,
 }
 EVAL_KEYS = (
     "frechet_distance", "real_floor", "class_accuracy", "classifier_test_accuracy", "num_samples",
@@ -55,11 +40,6 @@ def write_config(folder, model):
     path = folder / f"{model}.yaml"
     path.write_text(yaml.safe_dump({**BASE_CONFIG, "model": MODEL_CONFIGS[model]}))
     return path
-
-
-def run_training(config_path, output_dir, *flags, env=None):
-    command = [sys.executable, str(SCRIPT), "--config", str(config_path), "--output_dir", str(output_dir), *flags]
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +122,7 @@ def test_baseline_sample_grid_has_row_per_class(baseline_run):
 
 
 def test_baseline_logs_no_route_counts(baseline_run):
-    records = [json.loads(line) for line in (baseline_run.output_dir / "train_log.jsonl").read_text().splitlines()]
+    records = read_train_log(baseline_run.output_dir)
     assert [record["step"] for record in records] == [1, 2]
     assert not any(key.startswith("route_count/") for key in records[-1])
     assert records[-1]["aux_loss"] == 0.0

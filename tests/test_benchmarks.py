@@ -6,7 +6,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,23 +14,11 @@ import yaml
 from mol_diffusion.evaluation import get_digit_classifier
 from mol_diffusion.training import ConfigError, parse_training_args
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT, read_train_log, tiny_train_config
+
 BENCHMARKS = REPO_ROOT / "benchmarks"
 
-TINY_CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": 8,
-    "train_batch_size": 8,
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 0,
-    "lr_scheduler": "cosine",
-    "ddpm_num_steps": 100,
-    "seed": 0,
-    "model": {
-        "patch_size": 2, "num_attention_heads": 2, "attention_head_dim": 8, "num_pool_blocks": 2,
-        "num_routing_steps": 2, "router_hidden_size": 8,
-    },
-}
+TINY_CONFIG = tiny_train_config(lr_scheduler="cosine")
 # Small speed.py settings: 8x8 images, width 16, one timed repeat.
 TINY_SPEED_FLAGS = [
     "--batch_size", "4", "--resolution", "8", "--width", "16", "--heads", "2", "--repeats", "1",
@@ -73,7 +60,7 @@ def budget_run(tmp_path_factory):
         "--max_train_minutes", "0.01", "--checkpointing_steps", "10000",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (folder / "out" / "train_log.jsonl").read_text().splitlines()]
+    records = read_train_log(folder / "out")
     return folder / "out", records, result.stderr
 
 

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,48 +34,19 @@ from mol_diffusion.training.checkpointing import (
     save_rng_state,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train_unet.py"
+from helpers import REPO_ROOT, read_train_log, run_training, tiny_train_config, training_command
 
 # builtin:digits has 1437 training images: 22 batches of 64 per epoch, so 30 updates cross an epoch.
 MAX_STEPS = 30
-CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": 8,
-    "train_batch_size": 64,
-    "random_flip": True,  # augmentations draw random numbers, which a resume must reproduce
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 5,
-    "ddpm_num_steps": 100,
-    "use_ema": True,
-    "seed": 0,
-    "log_every_steps": 0,
-    "model": {
-        "patch_size": 2,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "num_pool_blocks": 2,
-        "num_routing_steps": 2,
-        "router_hidden_size": 8,
-        "router_noise": "gumbel",  # routing noise draws from the global RNG during training
-    },
-}
+CONFIG = tiny_train_config(
+    train_batch_size=64,
+    random_flip=True,  # augmentations draw random numbers, which a resume must reproduce
+    lr_warmup_steps=5,
+    use_ema=True,
+    log_every_steps=0,
+    model={"router_noise": "gumbel"},  # routing noise draws from the global RNG during training
+)
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def training_command(config_path, output_dir, *flags):
-    return [sys.executable, str(SCRIPT), "--config", str(config_path), "--output_dir", str(output_dir), *flags]
-
-
-def run_training(config_path, output_dir, *flags):
-    command = training_command(config_path, output_dir, *flags)
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-
-
-def read_train_log(output_dir):
-    """Records of complete lines only, since a killed run may leave a partial last line."""
-    text = (Path(output_dir) / "train_log.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
 
 
 def logged_steps(output_dir):

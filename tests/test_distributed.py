@@ -1,11 +1,9 @@
 """train_unet.py in two CPU processes (torchrun, gloo) with learned routing that leaves pool blocks unused."""
 
-import json
 import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,31 +13,16 @@ from diffusers import DiffusionPipeline
 import mol_diffusion
 from mol_diffusion.training.checkpointing import list_checkpoints
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT, read_train_log, tiny_train_config
+
 NUM_BLOCKS = 4
 
 # K = 4 blocks but only S = 2 routing steps over 4 images per process, so some blocks get no
 # gradient in an update: the case that plain DDP rejects. test_some_blocks_unused_per_update checks
 # that this run has such updates.
-CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": 8,
-    "train_batch_size": 4,
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 0,
-    "ddpm_num_steps": 100,
-    "seed": 0,
-    "log_every_steps": 1,
-    "model": {
-        "patch_size": 2,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "num_pool_blocks": NUM_BLOCKS,
-        "num_routing_steps": 2,
-        "router_hidden_size": 8,
-        "router_mode": "learned",
-    },
-}
+CONFIG = tiny_train_config(
+    train_batch_size=4, log_every_steps=1, model={"num_pool_blocks": NUM_BLOCKS, "router_mode": "learned"}
+)
 
 
 def free_loopback_port() -> int:
@@ -68,14 +51,14 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_processes_share_each_update(two_process_run):
-    records = [json.loads(line) for line in (two_process_run / "train_log.jsonl").read_text().splitlines()]
+    records = read_train_log(two_process_run)
     assert [record["step"] for record in records] == [1, 2, 3]
     # Routes are counted on the main process: 4 images x 2 routing steps per update.
     assert all(sum(record[f"route_count/block_{k}"] for k in range(NUM_BLOCKS)) == 8 for record in records)
 
 
 def test_some_blocks_unused_per_update(two_process_run):
-    records = [json.loads(line) for line in (two_process_run / "train_log.jsonl").read_text().splitlines()]
+    records = read_train_log(two_process_run)
     assert all(min(record[f"route_count/block_{k}"] for k in range(NUM_BLOCKS)) == 0 for record in records)
 
 

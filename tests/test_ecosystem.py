@@ -3,8 +3,6 @@ model cards, hub flags, gradient checkpointing, mixed precision, torch.compile a
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,8 +31,8 @@ from mol_diffusion.training.latents import LatentEncoder, latent_geometry, load_
 from mol_diffusion.training.model_card import write_model_card
 from mol_diffusion.training.models import compile_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train_unet.py"
+from helpers import read_train_log, run_training, tiny_train_config
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 NUM_CLASSES = 3
@@ -43,25 +41,9 @@ LATENT_CHANNELS = 4
 LATENT_SIZE = IMAGE_SIZE // 2  # the test VAE has two down blocks, so it halves the image size once
 
 # builtin:digits (8x8 grayscale, 10 classes) through a 3-channel VAE: latents are 4x4x4.
-TINY_CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": IMAGE_SIZE,
-    "train_batch_size": 8,
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 0,
-    "ddpm_num_steps": 100,
-    "seed": 0,
-    "log_every_steps": 1,
-    "model": {
-        "patch_size": 2,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "num_pool_blocks": 2,
-        "num_routing_steps": 2,
-        "router_hidden_size": 8,
-        "out_channels": 2 * LATENT_CHANNELS,
-    },
-}
+TINY_CONFIG = tiny_train_config(
+    resolution=IMAGE_SIZE, log_every_steps=1, model={"out_channels": 2 * LATENT_CHANNELS}
+)
 
 
 def make_vae(seed=0, **config):
@@ -108,15 +90,10 @@ def random_images(batch_size=2, seed=0):
     return torch.rand(batch_size, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def run_training(config_path, output_dir, *flags):
-    command = [sys.executable, str(SCRIPT), "--config", str(config_path), "--output_dir", str(output_dir), *flags]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+def run_training_ok(config_path, output_dir, *flags):
+    result = run_training(config_path, output_dir, *flags)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def read_train_log(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +114,7 @@ def tiny_config(tmp_path_factory):
 def latent_run(tiny_config, vae_dir, tmp_path_factory):
     """Two updates in latent space, encoding every batch, with EMA, a checkpoint and a sample grid."""
     output_dir = tmp_path_factory.mktemp("latent") / "out"
-    run_training(
+    run_training_ok(
         tiny_config, output_dir, "--vae", str(vae_dir), "--use_ema", "--max_train_steps", "2",
         "--checkpointing_steps", "2", "--sample_every_steps", "2", "--sample_inference_steps", "2",
         "--eval_batch_size", "1", "--hub_token", "not-a-real-token",
@@ -149,7 +126,7 @@ def latent_run(tiny_config, vae_dir, tmp_path_factory):
 def cached_run(tiny_config, vae_dir, tmp_path_factory):
     """Two updates from cached latent means, with gradient checkpointing and bf16 autocast."""
     output_dir = tmp_path_factory.mktemp("cached") / "out"
-    result = run_training(
+    result = run_training_ok(
         tiny_config, output_dir, "--vae", str(vae_dir), "--cache_latents", "--vae_latent_sampling", "mode",
         "--gradient_checkpointing", "--mixed_precision", "bf16", "--max_train_steps", "2",
         "--checkpointing_steps", "10",
@@ -492,7 +469,7 @@ def test_ema_weights_survive_resume(tiny_config, vae_dir, latent_run, tmp_path):
 
     # Resuming at the checkpoint's own step trains no further, so the saved pipeline contains the
     # EMA weights exactly as the checkpoint restored them.
-    run_training(
+    run_training_ok(
         tiny_config, output_dir, "--vae", str(vae_dir), "--use_ema", "--max_train_steps", "2",
         "--resume_from_checkpoint", "latest",
     )

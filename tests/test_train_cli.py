@@ -4,9 +4,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,38 +17,9 @@ import mol_diffusion
 from mol_diffusion.training.checkpointing import list_checkpoints, resolve_resume_checkpoint
 from mol_diffusion.training.losses import compute_training_loss, diffusion_target, learned_range_vlb, min_snr_weights
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "train_unet.py"
+from helpers import read_train_log, run_training, tiny_train_config
 
-TINY_CONFIG = {
-    "dataset_name": "builtin:digits",
-    "resolution": 8,
-    "train_batch_size": 8,
-    "learning_rate": 1.0e-3,
-    "lr_warmup_steps": 0,
-    "ddpm_num_steps": 100,
-    "use_ema": True,
-    "seed": 0,
-    "log_every_steps": 2,
-    "model": {
-        "patch_size": 2,
-        "num_attention_heads": 2,
-        "attention_head_dim": 8,
-        "num_pool_blocks": 2,
-        "num_routing_steps": 2,
-        "router_hidden_size": 8,
-    },
-}
-
-
-def run_training(config_path, output_dir, *flags):
-    command = [sys.executable, str(SCRIPT), "--config", str(config_path), "--output_dir", str(output_dir), *flags]
-    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-
-
-def read_train_log(output_dir):
-    lines = (Path(output_dir) / "train_log.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+TINY_CONFIG = tiny_train_config(use_ema=True, log_every_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Dispatch: run each routing group through its pool block once and scatter the results back.
 
 No Python loop runs over samples or tokens; the only loop is over the K pool blocks, and blocks
-with no samples or tokens are skipped. All results are gathered and scattered out of place, so autograd
-sees ordinary index operations.
+with no samples or tokens are skipped. Inputs are gathered out of place, and results are written
+into a fresh output tensor with `index_copy_`, which autograd differentiates like any index operation.
+The activations passed in are never modified.
 """
 
 from typing import Callable, Sequence
@@ -26,6 +27,8 @@ def scale_update(x: torch.Tensor, x_new: torch.Tensor, chosen_probs: torch.Tenso
         x_new (`torch.Tensor`): Block output (B, T, D).
         chosen_probs (`torch.Tensor`): Probability of the chosen block, (B,) or (B, T).
     """
+    if not (torch.is_grad_enabled() and chosen_probs.requires_grad):
+        return x_new  # the scale is exactly 1 and nothing will backpropagate, so skip three passes over x
     p = chosen_probs.to(x_new.dtype)
     p = p.view(*p.shape, *([1] * (x_new.dim() - p.dim())))  # (B, 1, 1) or (B, T, 1)
     return x_new + (x_new - x) * (p - p.detach())
@@ -59,15 +62,20 @@ def dispatch_samples(
             return run_block(block_index, x, cond)
 
     order = torch.argsort(indices, stable=True)  # (B,) samples grouped by block
-    inverse = torch.argsort(order)  # (B,) position of each sample in the grouped order
+    order_groups = order.split(sizes)  # K tensors (B_k,): the samples of each block
     x_groups = x.index_select(0, order).split(sizes)  # K tensors (B_k, T, D)
     cond_groups = cond.index_select(0, order).split(sizes)  # K tensors (B_k, D)
-    outputs = [
-        run_block(block_index, x_group, cond_group)
-        for block_index, (x_group, cond_group) in enumerate(zip(x_groups, cond_groups))
-        if sizes[block_index] > 0
-    ]
-    return torch.cat(outputs).index_select(0, inverse)  # (B, T, D), back in batch order
+    output = None
+    for block_index, size in enumerate(sizes):
+        if size == 0:
+            continue
+        group_output = run_block(block_index, x_groups[block_index], cond_groups[block_index])
+        if output is None:
+            # The block sets the dtype (under autocast it may differ from x's).
+            output = group_output.new_empty((batch_size, *group_output.shape[1:]))
+        # Autograd records the in-place copy, and its backward gathers each group's gradient rows.
+        output.index_copy_(0, order_groups[block_index], group_output)
+    return output  # (B, T, D), in batch order
 
 
 class _Permute(torch.autograd.Function):
