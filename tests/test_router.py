@@ -71,6 +71,8 @@ def test_scale_update_passes_gradient(probs_shape):
     x_new = torch.randn(4, 5, 8, generator=generator)
     upstream = torch.randn(4, 5, 8, generator=generator)
     probs = torch.rand(probs_shape, generator=generator).requires_grad_(True)
+    x.requires_grad_(True)
+    x_new.requires_grad_(True)
 
     out = scale_update(x, x_new, probs)
     (out * upstream).sum().backward()
@@ -80,6 +82,9 @@ def test_scale_update_passes_gradient(probs_shape):
     inner = ((x_new - x) * upstream).sum(dim=-1)  # (B, T)
     expected = inner.sum(dim=1) if len(probs_shape) == 1 else inner
     torch.testing.assert_close(probs.grad, expected)
+    # The scale is 1 in value: the block output gets the upstream gradient, and the input nothing.
+    torch.testing.assert_close(x_new.grad, upstream)
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0
 
 
 # Hard selection, exploration noise in training only.

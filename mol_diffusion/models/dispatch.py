@@ -16,6 +16,29 @@ from .blocks import MoLBlock, modulate
 RunBlock = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Pass `x_new` through unchanged and give the router probability the gradient `<x_new - x, dL/dx_new>`.
+
+    This is the gradient of `x_new + (x_new - x) * (p - p.detach())` written out: the forward value
+    needs no arithmetic, and the backward is one difference and one inner product per sample or token.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, x_new: torch.Tensor, chosen_probs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, x_new)
+        ctx.probs_dim = chosen_probs.dim()
+        ctx.probs_dtype = chosen_probs.dtype
+        return x_new
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, x_new = ctx.saved_tensors
+        update = (x_new - x).to(grad.dtype).flatten(ctx.probs_dim)  # (B, T*D) or (B, T, D)
+        grad_probs = torch.einsum("...f,...f->...", update, grad.flatten(ctx.probs_dim))  # (B,) or (B, T)
+        # The scale is exactly 1 in value, so x_new's gradient passes through and x gets none from here.
+        return None, grad, grad_probs.to(ctx.probs_dtype)
+
+
 def scale_update(x: torch.Tensor, x_new: torch.Tensor, chosen_probs: torch.Tensor) -> torch.Tensor:
     """Scale the residual update `x_new - x` by `1 + p - p.detach()`.
 
@@ -28,10 +51,8 @@ def scale_update(x: torch.Tensor, x_new: torch.Tensor, chosen_probs: torch.Tenso
         chosen_probs (`torch.Tensor`): Probability of the chosen block, (B,) or (B, T).
     """
     if not (torch.is_grad_enabled() and chosen_probs.requires_grad):
-        return x_new  # the scale is exactly 1 and nothing will backpropagate, so skip three passes over x
-    p = chosen_probs.to(x_new.dtype)
-    p = p.view(*p.shape, *([1] * (x_new.dim() - p.dim())))  # (B, 1, 1) or (B, T, 1)
-    return x_new + (x_new - x) * (p - p.detach())
+        return x_new  # nothing will backpropagate to the router
+    return _StraightThrough.apply(x, x_new, chosen_probs)
 
 
 def _group_sizes(indices: torch.Tensor, num_blocks: int) -> list[int]:
