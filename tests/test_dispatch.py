@@ -260,6 +260,27 @@ def test_token_dispatch_gradients_match_reference():
         torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
+def test_token_dispatch_under_bf16_autocast():
+    # Mixed precision: the gathers and in-place scatters must keep the dtypes autocast picks, forward and back.
+    blocks = make_pool(num_blocks=3).float()
+    x, cond = (tensor.float() for tensor in random_inputs(batch_size=3, num_tokens=5))
+    indices = torch.randint(0, 3, (3, 5), generator=torch.Generator().manual_seed(9))
+    expected = reference_token_step(blocks, indices, x, cond)
+
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = dispatch_tokens(blocks, indices, x, cond)
+    out.float().square().sum().backward()
+
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+    assert x.grad.dtype == torch.float32
+    assert torch.isfinite(x.grad).all()
+    for block_index in indices.unique().tolist():
+        for name, parameter in blocks[block_index].named_parameters():
+            assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
+            assert parameter.grad.abs().sum() > 0, name
+
+
 # Whole model.
 
 
