@@ -15,15 +15,14 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 from diffusers import DDIMScheduler
 
 from mol_diffusion import MoLPipeline, MoLTransformer2DModel
+from speed import machine_description, time_interleaved  # benchmarks/ is the script's folder
 
 logger = logging.getLogger(__name__)
 
@@ -139,32 +138,10 @@ def shared_route_share(model, timesteps, labels) -> float:
 # Timing.
 
 
-def time_interleaved(variants: dict, repeats: int) -> dict:
-    """Run each variant once per repeat, rotating the order; return the median seconds per variant."""
-    names = list(variants)
-    for name in names:  # warm-up: first-call allocations and lazy initialisation
-        variants[name]()
-    timings = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            variants[name]()
-            timings[name].append(time.perf_counter() - start)
+def median_seconds(operations: dict, repeats: int) -> dict:
+    """Time the operations interleaved on the CPU (see speed.py) and return the median seconds per operation."""
+    timings = time_interleaved(operations, repeats, device="cpu")
     return {name: statistics.median(values) for name, values in timings.items()}
-
-
-def machine_description() -> dict:
-    model_name = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    model_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError as error:
-        logger.warning("Could not read /proc/cpuinfo (%s); the CPU model is reported as %r.", error, model_name)
-    return {"cpu_model": model_name, "cpu_cores": os.cpu_count(), "platform": platform.platform()}
 
 
 def main(args):
@@ -181,7 +158,7 @@ def main(args):
     rows = []
     for operation, make_run in [("training step", training_step), ("inference forward", inference_forward)]:
         logger.info("Timing token routing: %s", operation)
-        medians = time_interleaved({"dense": make_run(dense, *size), "token": make_run(token, *size)}, args.repeats)
+        medians = median_seconds({"dense": make_run(dense, *size), "token": make_run(token, *size)}, args.repeats)
         rows.append(("token routing", operation, medians["dense"], medians["token"]))
 
     # 3. Route-table sampling against the dense stack: one class for the batch, then classes with guidance.
@@ -205,7 +182,7 @@ def main(args):
             "router": sampling_call(untabulated, args, labels, guidance_scale, use_route_table=False),
             "table": sampling_call(routed, args, labels, guidance_scale, use_route_table=True),
         }
-        medians = time_interleaved(variants, args.repeats)
+        medians = median_seconds(variants, args.repeats)
         rows.append(("route-table sampling", case, medians["dense"], medians["table"]))
         rows.append(("router sampling (no table)", case, medians["dense"], medians["router"]))
 
@@ -214,7 +191,7 @@ def main(args):
     results = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
-        "machine": machine_description(),
+        "machine": machine_description("cpu"),
         "torch": torch.__version__,
         "num_threads": args.num_threads,
         "load_average_before": load_before,

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/speed.py and benchmarks/quality.py, and train_unet.py's --max_train_minutes."""
+"""Smoke tests of benchmarks/speed.py, quality.py and routing_speed.py, and of train_unet.py's --max_train_minutes."""
 
 import importlib.util
 import json
@@ -149,6 +149,40 @@ def test_speed_rejects_unknown_variant(capsys):
     with pytest.raises(SystemExit):
         speed.parse_args(["--variants", "mol,moe"])
     assert "unknown ['moe']" in capsys.readouterr().err
+
+
+# benchmarks/routing_speed.py
+
+# Small routing_speed.py settings: 8x8 images, width 16, 2 routing steps, one timed repeat.
+TINY_ROUTING_FLAGS = [
+    "--repeats", "1", "--sample_size", "8", "--num_attention_heads", "2", "--attention_head_dim", "8",
+    "--num_routing_steps", "2", "--num_pool_blocks", "2", "--num_classes", "3", "--train_batch_size", "4",
+    "--sample_batch_size", "3", "--num_inference_steps", "2",
+]
+
+
+def test_routing_speed_writes_results(tmp_path):
+    result = run([BENCHMARKS / "routing_speed.py", *TINY_ROUTING_FLAGS, "--output", tmp_path / "routing.json"])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "routing.json").read_text())
+    cases = [(row["benchmark"], row["case"]) for row in results["rows"]]
+    assert cases == [
+        ("token routing", "training step"),
+        ("token routing", "inference forward"),
+        ("route-table sampling", "one class, no guidance"),
+        ("router sampling (no table)", "one class, no guidance"),
+        ("route-table sampling", "all classes, guidance 2"),
+        ("router sampling (no table)", "all classes, guidance 2"),
+    ]
+    for row in results["rows"]:
+        assert row["ratio"] == pytest.approx(row["routed_seconds"] / row["dense_seconds"])
+    assert results["rows"][0]["goal"] == 1.15
+    assert results["rows"][2]["goal"] == 1.02
+    # One class for the whole batch: every routing step is one block call.
+    assert results["shared_route_share"]["one class, no guidance"] == 1.0
+    assert "torch" in results["machine"]
+    assert "| token routing | training step |" in result.stdout
 
 
 # benchmarks/quality.py
