@@ -144,6 +144,33 @@ def test_speed_writes_tables(tmp_path):
     assert "Load average" in report
 
 
+def test_speed_times_before_memory_allocator(monkeypatch, tmp_path):
+    # The memory measurement maps every large tensor on its own, so it must start after the timed calls.
+    speed = load_speed_module()
+    events = []
+    time_interleaved = speed.time_interleaved
+
+    def recording_time_interleaved(*args, **kwargs):
+        events.append("timing")
+        return time_interleaved(*args, **kwargs)
+
+    class RecordingAllocator:
+        def __init__(self):
+            events.append("allocator")
+
+        def trim(self):
+            pass
+
+    monkeypatch.setattr(speed, "time_interleaved", recording_time_interleaved)
+    monkeypatch.setattr(speed, "_GlibcAllocator", RecordingAllocator)
+    speed.main(speed.parse_args([
+        *TINY_SPEED_FLAGS, "--variants", "mol", "--output_json", str(tmp_path / "speed.json"),
+        "--output_md", str(tmp_path / "speed.md"),
+    ]))
+
+    assert events == ["timing", "timing", "allocator"]
+
+
 def test_speed_rejects_unknown_variant(capsys):
     speed = load_speed_module()
     with pytest.raises(SystemExit):
