@@ -16,7 +16,7 @@ from diffusers import DiffusionPipeline
 from torchvision.utils import save_image
 
 import mol_diffusion  # noqa: F401  (registers MoLPipeline with diffusers, so from_pretrained finds it)
-from mol_diffusion import MoLPipeline
+from mol_diffusion import MoLPipeline, MoLTransformer2DModel
 from mol_diffusion.pipelines.pipeline_mol import denoiser_num_classes
 from mol_diffusion.pipelines.schedulers import SCHEDULERS, scheduler_from_name
 from mol_diffusion.visualization import concatenate_traces, plot_routes
@@ -123,11 +123,17 @@ def load_pipeline(model_dir: str) -> MoLPipeline:
     if not os.path.isdir(model_dir):
         raise SampleError(f"--model_dir {model_dir} does not exist or is not a folder.")
     if not os.path.isfile(os.path.join(model_dir, "model_index.json")):
-        raise SampleError(
+        message = (
             f"--model_dir {model_dir} has no model_index.json. Pass a pipeline folder (model_index.json, "
             "transformer/, scheduler/), as written by train_unet.py in its --output_dir or by "
             "MoLPipeline.save_pretrained."
         )
+        if os.path.basename(os.path.normpath(model_dir)).startswith("checkpoint-"):
+            message += (
+                " This looks like a training checkpoint, which only --resume_from_checkpoint reads; "
+                "pass the training --output_dir that contains it."
+            )
+        raise SampleError(message)
 
     # use_safetensors=True: weights load from safetensors only, never from pickled .bin files.
     try:
@@ -160,13 +166,16 @@ def parse_class_labels(value, num_classes, model_dir: str):
     if value.strip() == "all":
         return list(range(num_classes))
 
+    items = [item.strip() for item in value.split(",")]
+    if not any(items):
+        raise SampleError(f'--class_labels {value!r} contains no labels. Use "all" or a list such as 0,1,7.')
+    if not all(items):
+        raise SampleError(f"--class_labels {value!r} has an empty item between commas; remove the extra comma.")
     try:
-        labels = [int(item) for item in value.split(",") if item.strip()]
+        labels = [int(item) for item in items]
     except ValueError:
         message = f'--class_labels {value!r} must be "all" or comma-separated integers such as 0,1,7.'
         raise SampleError(message) from None
-    if not labels:
-        raise SampleError(f'--class_labels {value!r} contains no labels. Use "all" or a list such as 0,1,7.')
     invalid = sorted({label for label in labels if not 0 <= label < num_classes})
     if invalid:
         raise SampleError(
@@ -220,6 +229,11 @@ def main(args):
     pipe = load_pipeline(args.model_dir)
     pipe.scheduler = build_scheduler(args.scheduler, pipe)
     pipe = pipe.to(device)
+    if args.plot_routes and not isinstance(pipe.transformer, MoLTransformer2DModel):
+        raise SampleError(
+            f"--plot_routes needs a MoL model, but the transformer in {args.model_dir} is a "
+            f"{type(pipe.transformer).__name__}, which has no router. Remove --plot_routes."
+        )
     labels = parse_class_labels(args.class_labels, denoiser_num_classes(pipe.transformer), args.model_dir)
     if args.guidance_scale > 1 and labels is None:
         logger.warning("--guidance_scale %s has no effect without --class_labels.", args.guidance_scale)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from mol_diffusion import MoLPipeline, MoLTransformer2DModel
@@ -61,11 +61,20 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_cli")
     empty = root / "empty"
     empty.mkdir()
+    checkpoint = root / "checkpoint-3"
+    checkpoint.mkdir()
+    unet = UNet2DModel(
+        sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(8, 8), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+    )
+    MoLPipeline(transformer=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(root / "unet")
     return {
         "root": root,
         "conditional": save_tiny_pipeline(root / "conditional", num_classes=3),
         "unconditional": save_tiny_pipeline(root / "unconditional", num_classes=None),
         "empty": str(empty),
+        "checkpoint": str(checkpoint),
+        "unet": str(root / "unet"),
     }
 
 
@@ -86,6 +95,10 @@ def runs(folders):
         "no_model_index": ["--model_dir", folders["empty"]],
         "label_out_of_range": ["--model_dir", folders["conditional"], "--class_labels", "0,3", *FAST],
         "labels_on_unconditional": ["--model_dir", folders["unconditional"], "--class_labels", "0", *FAST],
+        "checkpoint_folder": ["--model_dir", folders["checkpoint"]],
+        "plot_routes_without_router": [
+            "--model_dir", folders["unet"], "--plot_routes", str(root / "routes.png"), *FAST,
+        ],
     }
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -150,6 +163,11 @@ def test_malformed_labels_rejected(sample_module):
         sample_module.parse_class_labels("0,x", num_classes=3, model_dir="model")
 
 
+def test_empty_label_item_rejected(sample_module):
+    with pytest.raises(sample_module.SampleError, match="empty item between commas"):
+        sample_module.parse_class_labels("1,,2", num_classes=3, model_dir="model")
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -157,6 +175,8 @@ def test_malformed_labels_rejected(sample_module):
         ("no_model_index", "has no model_index.json"),
         ("label_out_of_range", "outside the model's classes 0..2"),
         ("labels_on_unconditional", "unconditional"),
+        ("checkpoint_folder", "looks like a training checkpoint"),
+        ("plot_routes_without_router", "--plot_routes needs a MoL model"),
     ],
 )
 def test_error_exits_with_one_line(runs, case, message):
