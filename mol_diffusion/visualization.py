@@ -25,6 +25,7 @@ from .models import RouteTrace
 logger = logging.getLogger(__name__)
 
 ImagesLike = Union[torch.Tensor, np.ndarray, Sequence[PIL.Image.Image]]
+TracesLike = Union[RouteTrace, Sequence[RouteTrace]]
 
 HEATMAP_PANELS_PER_ROW = 4
 MAX_TIMESTEP_TICKS = 6
@@ -52,16 +53,16 @@ class RouteFractions:
     num_decisions: torch.Tensor
 
 
-def concatenate_traces(traces: Sequence[RouteTrace]) -> RouteTrace:
+def concatenate_traces(traces: TracesLike) -> RouteTrace:
     """Join traces of the same forward step along the batch, e.g. one denoising step sampled in several calls.
 
     Args:
-        traces (`Sequence[RouteTrace]`): Traces with the same pool size and routing granularity.
+        traces (`RouteTrace` or `Sequence[RouteTrace]`): Traces with the same pool size and routing granularity.
 
     Returns:
         [`RouteTrace`] with the samples of all traces, in order.
     """
-    _check_traces(traces)
+    traces = _check_traces(traces)
     has_labels = all(trace.class_labels is not None for trace in traces)
     return RouteTrace(
         indices=torch.cat([trace.indices.cpu() for trace in traces], dim=1),  # (S, B_total) or (S, B_total, T)
@@ -72,18 +73,18 @@ def concatenate_traces(traces: Sequence[RouteTrace]) -> RouteTrace:
     )
 
 
-def route_fractions(traces: Sequence[RouteTrace], timestep_bins: Optional[int] = None) -> RouteFractions:
+def route_fractions(traces: TracesLike, timestep_bins: Optional[int] = None) -> RouteFractions:
     """Compute the share of decisions per block, routing step and diffusion timestep.
 
     Args:
-        traces (`Sequence[RouteTrace]`): Route traces; every sample carries its own timestep.
+        traces (`RouteTrace` or `Sequence[RouteTrace]`): Route traces; every sample carries its own timestep.
         timestep_bins (`int`, *optional*): Group timesteps into this many equal-width bins. By default
             every distinct timestep is a column, which suits sampling runs (one timestep per step).
 
     Returns:
         [`RouteFractions`] with fractions of shape (K, S, N).
     """
-    _check_traces(traces)
+    traces = _check_traces(traces)
     num_blocks = traces[0].num_blocks
     sample_timesteps = torch.cat([trace.timesteps.detach().cpu().double().reshape(-1) for trace in traces])  # (B_all,)
     # Decisions per sample, step and block: tokens of one image add up for token routing.
@@ -114,20 +115,20 @@ def route_fractions(traces: Sequence[RouteTrace], timestep_bins: Optional[int] =
     )
 
 
-def block_usage(traces: Sequence[RouteTrace]) -> torch.Tensor:
+def block_usage(traces: TracesLike) -> torch.Tensor:
     """Share of all routing decisions that took each block, over every step and trace: (K,)."""
-    _check_traces(traces)
+    traces = _check_traces(traces)
     counts = sum(trace.block_counts().double() for trace in traces)
     return counts / counts.sum().clamp_min(1)
 
 
-def router_entropy(traces: Sequence[RouteTrace]) -> torch.Tensor:
+def router_entropy(traces: TracesLike) -> torch.Tensor:
     """Mean entropy of the router distribution per routing step over all decisions, in nats: (S,).
 
     Each trace's `RouteTrace.entropy()` is weighted by its number of decisions per step. Fixed
     routing and route tables of fixed routing have zero entropy; the maximum is log K.
     """
-    _check_traces(traces)
+    traces = _check_traces(traces)
     weights = torch.tensor([trace.indices[0].numel() for trace in traces], dtype=torch.float64)  # (traces,)
     entropies = torch.stack([trace.entropy().double().cpu() for trace in traces])  # (traces, S)
     return (weights[:, None] * entropies).sum(dim=0) / weights.sum()
@@ -137,7 +138,7 @@ def router_entropy(traces: Sequence[RouteTrace]) -> torch.Tensor:
 
 
 def plot_routes(
-    traces: Sequence[RouteTrace],
+    traces: TracesLike,
     path: str,
     images: Optional[ImagesLike] = None,
     timestep_bins: Optional[int] = None,
@@ -154,7 +155,7 @@ def plot_routes(
     run), next to each image when `images` are given.
 
     Args:
-        traces (`Sequence[RouteTrace]`): Route traces with the same pool size and granularity.
+        traces (`RouteTrace` or `Sequence[RouteTrace]`): Route traces with the same pool size and granularity.
         path (`str`): Output PNG path; missing parent folders are created.
         images (`torch.Tensor`, `np.ndarray` or `list[PIL.Image.Image]`, *optional*): The samples of the
             least noisy trace, in its batch order: a (B, C, H, W) tensor or a (B, H, W, C) array in
@@ -166,7 +167,7 @@ def plot_routes(
     Returns:
         `str`: The path written.
     """
-    _check_traces(traces)
+    traces = _check_traces(traces)
     num_blocks = traces[0].num_blocks
     token_trace = _least_noisy(traces) if _is_token_routing(traces[0]) and max_token_images > 0 else None
     image_array = _images_to_array(images) if images is not None and token_trace is not None else None
@@ -276,7 +277,17 @@ def _draw_token_maps(section, trace: RouteTrace, images: Optional[np.ndarray], n
 # Helpers.
 
 
-def _check_traces(traces: Sequence[RouteTrace]) -> None:
+def _check_traces(traces: TracesLike) -> list[RouteTrace]:
+    """Return `traces` as a list (a single trace becomes a list of one) after checking they fit together."""
+    if isinstance(traces, RouteTrace):
+        traces = [traces]
+    try:
+        traces = list(traces)
+    except TypeError:
+        raise TypeError(f"`traces` must be a RouteTrace or a list of them, got {type(traces).__name__}.") from None
+    if not all(isinstance(trace, RouteTrace) for trace in traces):
+        kinds = sorted({type(trace).__name__ for trace in traces})
+        raise TypeError(f"`traces` must be RouteTrace objects, e.g. [output.routes], got {', '.join(kinds)}.")
     if len(traces) == 0:
         raise ValueError("`traces` is empty; pass the route traces of at least one forward pass.")
     num_blocks = traces[0].num_blocks
@@ -289,6 +300,7 @@ def _check_traces(traces: Sequence[RouteTrace]) -> None:
                 f"the traces mix routing layouts {tuple(shape)} and {tuple(trace.indices.shape)}; "
                 "plot one model at a time."
             )
+    return traces
 
 
 def _is_token_routing(trace: RouteTrace) -> bool:
@@ -321,6 +333,11 @@ def _images_to_array(images: ImagesLike) -> np.ndarray:
         if images.ndim != 4:
             raise ValueError(f"image arrays must have shape (B, H, W, C), got {images.shape}.")
         return np.clip(images.astype(np.float32), 0, 1)
+    if isinstance(images, (str, bytes)) or not all(isinstance(image, (PIL.Image.Image, np.ndarray)) for image in images):
+        raise TypeError(
+            "`images` must be a (B, C, H, W) tensor, a (B, H, W, C) array or a list of PIL images, "
+            f"got {type(images).__name__}."
+        )
     arrays = []
     for image in images:
         array = np.asarray(image, dtype=np.float32) / 255.0

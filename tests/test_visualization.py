@@ -148,6 +148,17 @@ def test_concatenate_traces_joins_batches():
     assert joined.timesteps.tolist() == [7, 7, 7]
 
 
+def test_single_trace_accepted():
+    trace = make_trace([[0, 0], [1, 0]], [1, 1])
+
+    assert block_usage(trace).tolist() == block_usage([trace]).tolist()
+
+
+def test_non_trace_rejected():
+    with pytest.raises(TypeError, match="must be RouteTrace objects"):
+        block_usage([{"indices": [0]}])
+
+
 def test_mixed_pool_sizes_rejected():
     with pytest.raises(ValueError, match="pool sizes 3 and 2"):
         route_fractions([make_trace([[0]], [1]), make_trace([[0]], [1], num_blocks=2)])
@@ -186,6 +197,12 @@ def test_plot_routes_token_maps_make_taller_png(tmp_path):
     assert_png(with_maps, min_width=500, min_height=500)
     with Image.open(plain) as plain_image, Image.open(with_maps) as map_image:
         assert map_image.size[1] > plain_image.size[1] + 100  # three rows of patch maps were added
+
+
+def test_plot_routes_rejects_image_string(tmp_path):
+    traces, _ = pipeline_traces("token")
+    with pytest.raises(TypeError, match="`images` must be"):
+        plot_routes(traces, str(tmp_path / "routes.png"), images="foo")
 
 
 def test_plot_routes_rejects_image_count_mismatch(tmp_path):
