@@ -226,6 +226,24 @@ def test_route_table_entries_match_single_forward():
             assert torch.equal(table.indices[row, column], routes.indices[:, 0]), (timestep, label)
 
 
+def test_route_table_scalar_timestep():
+    model = table_model()
+
+    single = model.tabulate_routes(500)
+
+    assert torch.equal(single.indices, model.tabulate_routes([500]).indices)
+    expected_repr = (
+        f"RouteTable(timesteps=1, class_labels={NUM_CLASSES + 1}, routing_steps={NUM_STEPS}, "
+        f"num_blocks={model.config.num_pool_blocks})"
+    )
+    assert repr(single) == expected_repr
+
+
+def test_route_table_rejects_non_numbers():
+    with pytest.raises(ValueError, match="`timesteps` must be a number"):
+        table_model().tabulate_routes(["late"])
+
+
 def test_route_table_pipeline_images_match():
     model = table_model()
     scheduler = DDIMScheduler(num_train_timesteps=100)

@@ -8,6 +8,7 @@ the same block, the whole batch goes through that block in one call, with no sor
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -18,7 +19,7 @@ from .layer_router import RouteDecision, RouteTrace
 if TYPE_CHECKING:
     from .mol_transformer_2d import MoLTransformer2DModel
 
-TimestepsLike = Union[torch.Tensor, Sequence[float]]
+TimestepsLike = Union[torch.Tensor, Sequence[float], float]
 
 
 @dataclass
@@ -49,6 +50,14 @@ class RouteTable:
     def num_steps(self) -> int:
         """Routing steps S per forward pass."""
         return self.indices.shape[-1]
+
+    def __repr__(self) -> str:
+        # Counts only: the default dataclass repr would print every tensor in full.
+        labels = None if self.class_labels is None else len(self.class_labels)
+        return (
+            f"RouteTable(timesteps={len(self.timesteps)}, class_labels={labels}, "
+            f"routing_steps={self.num_steps}, num_blocks={self.num_blocks})"
+        )
 
     def lookup(
         self, timesteps: torch.Tensor, class_labels: Optional[torch.LongTensor] = None
@@ -204,8 +213,16 @@ def check_route_table(model: "MoLTransformer2DModel", table: RouteTable) -> None
 def _prepare_timesteps(timesteps: TimestepsLike) -> torch.Tensor:
     if torch.is_tensor(timesteps):
         values = timesteps.detach().cpu().reshape(-1)
+    elif isinstance(timesteps, numbers.Number):
+        values = torch.tensor([timesteps])  # one timestep
     else:
-        values = torch.tensor(list(timesteps))
+        try:
+            values = torch.tensor(list(timesteps))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"`timesteps` must be a number, a sequence of numbers or a 1-D tensor such as "
+                f"scheduler.timesteps, got {timesteps!r} ({error})."
+            ) from None
     if values.numel() == 0:
         raise ValueError("`timesteps` is empty; pass the timesteps to tabulate, e.g. scheduler.timesteps.")
     if values.dtype == torch.bool or values.is_complex() or not torch.isfinite(values.double()).all():
