@@ -194,7 +194,12 @@ def main(args):
     try:
         model = build_model(args, num_classes=dataset_classes, num_channels=num_channels, sample_size=sample_size)
     except ValueError as error:
-        raise ConfigError(f"invalid model config: {error}") from error
+        message = f"invalid model config: {error}"
+        if "sample_size" in str(error):
+            # sample_size is not a training option: it comes from --resolution, so name that.
+            source = "the latent size of --resolution" if vae is not None else "--resolution"
+            message += f" The model's sample_size ({sample_size or args.resolution}) is {source} {args.resolution}."
+        raise ConfigError(message) from error
     check_model_matches_dataset(model, dataset_classes)
     if vae is not None:
         check_model_matches_latents(model, num_channels, sample_size)
@@ -284,6 +289,11 @@ def main(args):
     elif args.route_plot_every_steps and hasattr(unwrapped.config, "num_pool_blocks"):
         route_plotter = RoutePlotWriter.from_dataset(
             args.output_dir, noise_scheduler, train_dataset, use_labels=num_classes is not None, seed=args.seed or 0
+        )
+    elif args.route_plot_every_steps:
+        logger.warning(
+            "--route_plot_every_steps needs a MoL model, but --model %s has no router, so no route plots are written.",
+            args.model,
         )
     reporter = RunReporter(
         accelerator, args.output_dir, global_step, max_train_steps, images_per_update,

@@ -52,13 +52,13 @@ def classifier_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["dit", "unet"])
 def baseline_run(request, tmp_path_factory, classifier_cache):
-    """Two updates of a baseline with a sample grid and --eval_at_end on 10 images."""
+    """Two updates of a baseline with a sample grid, a route plot request and --eval_at_end on 10 images."""
     folder = tmp_path_factory.mktemp(request.param)
     env = {**os.environ, "MOL_DIFFUSION_CACHE": str(classifier_cache)}
     result = run_training(
         write_config(folder, request.param), folder / "out", "--model", request.param, "--max_train_steps", "2",
         "--sample_every_steps", "2", "--sample_inference_steps", "2", "--eval_batch_size", "1",
-        "--eval_at_end", "--eval_num_samples", "10", "--eval_inference_steps", "2", "--eval_guidance_scale", "2",
+        "--route_plot_every_steps", "1", "--eval_at_end", "--eval_num_samples", "10", "--eval_inference_steps", "2", "--eval_guidance_scale", "2",
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,6 +119,11 @@ def test_baseline_loads_without_type_warning(baseline_run, caplog):
 def test_baseline_sample_grid_has_row_per_class(baseline_run):
     with Image.open(baseline_run.output_dir / "samples" / "step-2.png") as image:
         assert image.size == (1 * (8 + 2) + 2, NUM_CLASSES * (8 + 2) + 2)  # make_grid, 2-pixel padding
+
+
+def test_baseline_warns_route_plots_skipped(baseline_run):
+    assert "--route_plot_every_steps needs a MoL model" in baseline_run.stderr
+    assert not (baseline_run.output_dir / "routes").exists()
 
 
 def test_baseline_logs_no_route_counts(baseline_run):

@@ -157,6 +157,8 @@ def test_bad_model_value_exits_with_one_line(tiny_config, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert "patch_size" in lines[-1]
+    # sample_size is set by --resolution, so the message names the option the user can change.
+    assert f"--resolution {TINY_CONFIG['resolution']}" in lines[-1]
     assert "Traceback" not in result.stderr
 
 
