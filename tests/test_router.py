@@ -171,6 +171,21 @@ def test_cyclic_order(granularity):
         assert (routes.indices[step] == step % 3).all(), f"step {step}"
 
 
+def test_cyclic_token_is_one_block_call_per_step(caplog):
+    # A fixed order gives every token the same block, so each step runs one block on the whole batch.
+    with caplog.at_level("WARNING", logger="mol_diffusion.models.mol_transformer_2d"):
+        model = make_model(router_mode="cyclic", router_granularity="token", num_pool_blocks=3, num_routing_steps=4)
+    batch_sizes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, output: batch_sizes.append(args[0].shape[0]))
+    x, timesteps, labels = make_inputs()
+
+    model(x, timesteps, class_labels=labels)
+
+    assert batch_sizes == [x.shape[0]] * 4
+    assert "router_granularity='token' has no effect" in caplog.text
+
+
 def test_sequential_order():
     model = make_model(router_mode="sequential", num_pool_blocks=5, num_routing_steps=5)
     x, timesteps, labels = make_inputs()

@@ -220,7 +220,7 @@ class LayerRouter(nn.Module):
         shape = (batch_size,) if self.granularity == "sample" else (batch_size, num_tokens)
         indices = torch.full(shape, block, dtype=torch.long, device=device)
         probs = F.one_hot(indices, self.num_blocks).to(torch.float32)
-        return RouteDecision(indices=indices, probs=probs, logits=None)
+        return RouteDecision(indices=indices, probs=probs, logits=None, shared_block=block)
 
 
 class RouterTransform(nn.Module):

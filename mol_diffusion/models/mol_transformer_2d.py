@@ -259,6 +259,14 @@ class MoLTransformer2DModel(ModelMixin, ConfigMixin):
                 "router_input='none' gives every token of an image the same route, so "
                 "router_granularity='token' has nothing to choose per token; use router_granularity='sample'."
             )
+        if config.router_mode != "learned":
+            defaults = {"router_granularity": "sample", "router_input": "activations", "router_noise": "none"}
+            ignored = [f"{name}={config[name]!r}" for name, default in defaults.items() if config[name] != default]
+            if ignored:
+                logger.warning(
+                    "router_mode=%r follows a fixed order without a router, so %s has no effect.",
+                    config.router_mode, ", ".join(ignored),
+                )
         if config.router_mode == "learned" and config.router_input == "none" and config.router_condition == "timestep":
             logger.warning(
                 "router_input='none' with router_condition='timestep' gives the router neither the activations "
