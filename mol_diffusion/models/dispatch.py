@@ -1,9 +1,9 @@
 """Dispatch: run each routing group through its pool block once and scatter the results back.
 
 No Python loop runs over samples or tokens; the only loop is over the K pool blocks, and blocks
-with no samples or tokens are skipped. Inputs are gathered out of place, and results are written
-into a fresh output tensor with `index_copy_`, which autograd differentiates like any index operation.
-The activations passed in are never modified.
+with no samples or tokens are skipped. Inputs are gathered out of place, and each group's results
+are written into a fresh output tensor at their positions (`_ScatterGroups`), whose backward
+gathers the gradient back in group order. The activations passed in are never modified.
 """
 
 from typing import Callable, Sequence
@@ -17,10 +17,10 @@ RunBlock = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Pass `x_new` through unchanged and give the router probability the gradient `<x_new - x, dL/dx_new>`.
+    """Straight-through update: `x_new` in value, with the gradient `<x_new - x, dL/dx_new>` for the router probability.
 
-    This is the gradient of `x_new + (x_new - x) * (p - p.detach())` written out: the forward value
-    needs no arithmetic, and the backward is one difference and one inner product per sample or token.
+    It is the gradient of `x_new + (x_new - x) * (p - p.detach())` written out. The forward pass does
+    no arithmetic, and the backward is one difference and one inner product per sample or token.
     """
 
     @staticmethod
@@ -79,28 +79,20 @@ def dispatch_samples(
     batch_size = x.shape[0]
     for block_index, size in enumerate(sizes):
         if size == batch_size:
-            # Every sample chose the same block (always so for fixed routing): no gather needed.
+            # Every sample chose the same block: no gather needed.
             return run_block(block_index, x, cond)
 
     order = torch.argsort(indices, stable=True)  # (B,) samples grouped by block
-    order_groups = order.split(sizes)  # K tensors (B_k,): the samples of each block
-    x_groups = x.index_select(0, order).split(sizes)  # K tensors (B_k, T, D)
-    cond_groups = cond.index_select(0, order).split(sizes)  # K tensors (B_k, D)
-    output = None
-    for block_index, size in enumerate(sizes):
-        if size == 0:
-            continue
-        group_output = run_block(block_index, x_groups[block_index], cond_groups[block_index])
-        if output is None:
-            # The block sets the dtype (under autocast it may differ from x's).
-            output = group_output.new_empty((batch_size, *group_output.shape[1:]))
-        # Autograd records the in-place copy, and its backward gathers each group's gradient rows.
-        output.index_copy_(0, order_groups[block_index], group_output)
-    return output  # (B, T, D), in batch order
+    chosen = [block_index for block_index, size in enumerate(sizes) if size > 0]
+    chosen_sizes = [sizes[block_index] for block_index in chosen]
+    x_groups = x.index_select(0, order).split(chosen_sizes)  # per chosen block (B_k, T, D)
+    cond_groups = cond.index_select(0, order).split(chosen_sizes)  # per chosen block (B_k, D)
+    outputs = [run_block(k, x_group, cond_group) for k, x_group, cond_group in zip(chosen, x_groups, cond_groups)]
+    return _ScatterGroups.apply(order, order.split(chosen_sizes), *outputs)  # (B, T, D), in batch order
 
 
 class _Permute(torch.autograd.Function):
-    """Reorder rows by a permutation; the gradient is reordered by the inverse permutation.
+    """Row permutation whose gradient is permuted back by the inverse permutation.
 
     Autograd's `index_select` backward scatter-adds into a zeroed tensor, because its indices may
     repeat. For a permutation a gather of the gradient gives the same result with one pass less.
@@ -118,10 +110,10 @@ class _Permute(torch.autograd.Function):
 
 
 class _ScatterGroups(torch.autograd.Function):
-    """Write each group's rows to its token positions; the gradient is gathered back in group order.
+    """Scatter of each group's rows to their positions in the batch, with a gather back as its backward.
 
     Writing the groups straight into place skips the `torch.cat` that would otherwise join them
-    before a permutation, and the backward is a single gather instead of per-group copies.
+    before a permutation. The backward is one gather instead of a copy of the gradient per group.
     """
 
     @staticmethod
@@ -140,7 +132,7 @@ class _ScatterGroups(torch.autograd.Function):
 
 
 class _TokenGroups:
-    """Gathers the flattened tokens of a batch by chosen block, and scatters per-block results back.
+    """Grouping of a batch's flattened tokens by chosen block, with the gather into groups and the scatter back.
 
     Only blocks that at least one token chose get a group. `blocks`, `samples`, the groups that
     `gather` returns and the groups that `scatter` takes all follow the same order.
@@ -190,10 +182,8 @@ def dispatch_tokens(
     groups = _TokenGroups(indices, len(blocks))
     first = blocks[0]  # LayerNorms carry no parameters and attention none, so any block serves
 
-    # Each group runs its block's stages on its own tokens, in block order, and goes back to image
-    # order only for attention. A token's adaLN rows (those of its image and its block) are gathered
-    # stage by stage, right before use, so they are still in cache when read. On CPU, a dense block
-    # given all six rows per token up front ran 1.26x as long as with one broadcast row per image.
+    # Each group runs its block's stages in block order, and only attention runs in image order. A
+    # token's adaLN rows are gathered per stage, right before use, so they are still in cache.
     tokens = groups.gather(x.reshape(-1, width))  # per group (N_k, D)
     modulations, qkv = [], []
     for block_index, group, samples in zip(groups.blocks, tokens, groups.samples):
