@@ -436,9 +436,8 @@ def main(args) -> dict:
     logger.info("Timing sampling calls of %s.", ", ".join(models))
     sampling_times = time_interleaved(sampling_calls, args.repeats, args.device)
 
-    # 4. Peak memory, one call per variant. The allocator is switched only after timing, because
-    # mapping every large tensor on its own made timed calls 10% to 50% slower on the CPU, by
-    # different amounts for different variants.
+    # 4. Peak memory, one call per variant. The allocator changes only after timing, because mapping
+    # every large tensor on its own slowed timed calls by 10% to 50% on the CPU, unevenly across variants.
     allocator = _GlibcAllocator()
     variants = {}
     for name, model in models.items():

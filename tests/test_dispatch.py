@@ -261,7 +261,7 @@ def test_token_dispatch_gradients_match_reference():
 
 
 def test_token_dispatch_under_bf16_autocast():
-    # Mixed precision: the gathers and in-place scatters must keep the dtypes autocast picks, forward and back.
+    # Mixed precision: the gathers and scatters must keep the dtypes that autocast picks, forward and backward.
     blocks = make_pool(num_blocks=3).float()
     x, cond = (tensor.float() for tensor in random_inputs(batch_size=3, num_tokens=5))
     indices = torch.randint(0, 3, (3, 5), generator=torch.Generator().manual_seed(9))

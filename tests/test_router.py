@@ -171,7 +171,7 @@ def test_cyclic_order(granularity):
         assert (routes.indices[step] == step % 3).all(), f"step {step}"
 
 
-def test_cyclic_token_is_one_block_call_per_step(caplog):
+def test_cyclic_token_one_call_per_step(caplog):
     # A fixed order gives every token the same block, so each step runs one block on the whole batch.
     with caplog.at_level("WARNING", logger="mol_diffusion.models.mol_transformer_2d"):
         model = make_model(router_mode="cyclic", router_granularity="token", num_pool_blocks=3, num_routing_steps=4)
