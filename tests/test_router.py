@@ -283,6 +283,30 @@ def test_aux_loss_uses_config_weights():
     torch.testing.assert_close(out.aux_loss, 0.3 * out.balance_loss + 0.05 * out.z_loss)
 
 
+@pytest.mark.parametrize("granularity", ["sample", "token"])
+def test_aux_loss_gradient_matches_formula(granularity):
+    # The model sums the losses per decision, with the softmax over a leading block dimension. The
+    # reference applies the textbook formulas to all logits joined into one tensor.
+    model = make_model(router_granularity=granularity, router_balance_loss_weight=0.3, router_z_loss_weight=0.05)
+    logits = []
+    model.router.out_proj.register_forward_hook(lambda module, args, output: logits.append(output))
+    x, timesteps, labels = make_inputs()
+
+    out = model(x, timesteps, class_labels=labels)
+    all_logits = torch.cat([step_logits.reshape(-1, NUM_BLOCKS) for step_logits in logits])  # (N, K)
+    share = F.one_hot(all_logits.argmax(dim=-1), NUM_BLOCKS).float().mean(dim=0)
+    balance = NUM_BLOCKS * (share * all_logits.softmax(dim=-1).mean(dim=0)).sum()
+    z_loss = all_logits.logsumexp(dim=-1).square().mean()
+    expected = 0.3 * balance + 0.05 * z_loss
+    weight = model.router.out_proj[-1].weight
+    (grad,) = torch.autograd.grad(out.aux_loss, weight, retain_graph=True)
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+
+    torch.testing.assert_close(out.aux_loss, expected)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_aux_loss_gives_router_gradient():
     model = make_model()
     x, timesteps, labels = make_inputs()
