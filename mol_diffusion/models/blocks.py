@@ -12,8 +12,12 @@ from torch import nn
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Apply an adaLN shift and scale; `shift` and `scale` broadcast against `x` (B, T, D)."""
-    return x * (1 + scale) + shift
+    """Return `x * (1 + scale) + shift`, where `shift` and `scale` broadcast against `x` (B, T, D).
+
+    `1 + scale` is computed on the small (B, 1, D) rows, and `torch.addcmul` does the multiply and
+    the add in one pass over `x`.
+    """
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class MoLBlock(nn.Module):
@@ -69,9 +73,8 @@ class MoLBlock(nn.Module):
         """Apply the block to tokens `x` (B, T, D) under conditioning `cond` (B, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(cond)
         qkv = self.to_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_msa * self.to_out(self.attention(qkv))
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        x = torch.addcmul(x, gate_msa, self.to_out(self.attention(qkv)))  # x + gate * update, in one pass
+        return torch.addcmul(x, gate_mlp, self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):

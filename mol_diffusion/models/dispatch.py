@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .blocks import MoLBlock, modulate
+from .blocks import MoLBlock
 
 # run_block(k, x, cond) applies pool block k; the model passes one that adds gradient checkpointing.
 RunBlock = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -183,15 +183,17 @@ def dispatch_tokens(
     first = blocks[0]  # LayerNorms carry no parameters and attention none, so any block serves
 
     # Each group runs its block's stages in block order, and only attention runs in image order. A
-    # token's adaLN rows are gathered per stage, right before use, so they are still in cache.
+    # token's adaLN rows are gathered per stage, right before use, so they are still in cache. As in
+    # `modulate`, `1 + scale` is taken on the small (B, D) rows before the gather, and `addcmul`
+    # does each multiply and add in one pass over the tokens.
     tokens = groups.gather(x.reshape(-1, width))  # per group (N_k, D)
     modulations, qkv = [], []
     for block_index, group, samples in zip(groups.blocks, tokens, groups.samples):
         block = blocks[block_index]
-        modulation = block.ada_ln(cond).view(batch_size, 6, width).unbind(1)  # six (B, D)
-        shift_msa, scale_msa = (rows.index_select(0, samples) for rows in modulation[:2])  # (N_k, D)
-        qkv.append(block.to_qkv(modulate(first.norm1(group), shift_msa, scale_msa)))
-        modulations.append(modulation[2:])
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.ada_ln(cond).chunk(6, dim=-1)  # (B, D)
+        shift, factor = shift_msa.index_select(0, samples), (1 + scale_msa).index_select(0, samples)  # (N_k, D)
+        qkv.append(block.to_qkv(torch.addcmul(shift, first.norm1(group), factor)))
+        modulations.append((gate_msa, shift_mlp, 1 + scale_mlp, gate_mlp))
     qkv = groups.scatter(qkv).view(batch_size, num_tokens, 3 * width)
     attended = groups.gather(first.attention(qkv).reshape(-1, width))  # per group (N_k, D)
 
@@ -200,8 +202,8 @@ def dispatch_tokens(
         groups.blocks, tokens, attended, groups.samples, modulations
     ):
         block = blocks[block_index]
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = (rows.index_select(0, samples) for rows in modulation)
-        group = group + gate_msa * block.to_out(group_attended)
-        group = group + gate_mlp * block.mlp(modulate(first.norm2(group), shift_mlp, scale_mlp))
+        gate_msa, shift_mlp, factor_mlp, gate_mlp = (rows.index_select(0, samples) for rows in modulation)
+        group = torch.addcmul(group, gate_msa, block.to_out(group_attended))
+        group = torch.addcmul(group, gate_mlp, block.mlp(torch.addcmul(shift_mlp, first.norm2(group), factor_mlp)))
         outputs.append(group)
     return groups.scatter(outputs).view(batch_size, num_tokens, width)
