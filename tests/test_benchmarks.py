@@ -212,6 +212,22 @@ def test_routing_speed_writes_results(tmp_path):
     assert "| token routing | training step |" in result.stdout
 
 
+# benchmarks/compile_speed.py
+
+
+def test_compile_speed_eager_smoke(tiny_config):
+    # Eager mode only: compiling takes minutes on the CPU, and compile_model has its own tests.
+    flags = ["--config", tiny_config, "--modes", "eager", "--steps", "2", "--warmup_steps", "1", "--threads", "1"]
+    result = run([BENCHMARKS / "compile_speed.py", *flags])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["batch_size"] == TINY_CONFIG["train_batch_size"]
+    assert [entry["mode"] for entry in summary["results"]] == ["eager"]
+    assert summary["results"][0]["median_step_seconds"] > 0
+    assert summary["threads"] == 1
+
+
 # benchmarks/quality.py
 
 
