@@ -29,10 +29,16 @@ def make_inputs(batch_size=6, seed=1):
     return x, timesteps, labels
 
 
-def capture_logits(model):
-    """Record the router's logits at every routing step (the output of its last layer)."""
+def capture_logits(model, detach=True):
+    """Record the router's logits at every routing step (the output of its last layer).
+
+    With `detach=False` the logits stay in the autograd graph, so a reference loss built from them
+    can be differentiated.
+    """
     logits = []
-    model.router.out_proj.register_forward_hook(lambda module, args, output: logits.append(output.detach()))
+    model.router.out_proj.register_forward_hook(
+        lambda module, args, output: logits.append(output.detach() if detach else output)
+    )
     return logits
 
 
@@ -288,8 +294,7 @@ def test_aux_loss_gradient_matches_formula(granularity):
     # The model sums the losses per decision, with the softmax over a leading block dimension. The
     # reference applies the textbook formulas to all logits joined into one tensor.
     model = make_model(router_granularity=granularity, router_balance_loss_weight=0.3, router_z_loss_weight=0.05)
-    logits = []
-    model.router.out_proj.register_forward_hook(lambda module, args, output: logits.append(output))
+    logits = capture_logits(model, detach=False)
     x, timesteps, labels = make_inputs()
 
     out = model(x, timesteps, class_labels=labels)

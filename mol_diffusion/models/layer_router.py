@@ -15,15 +15,15 @@ ROUTER_TRANSFORMS = ("none", "mlp")
 ROUTER_NOISES = ("none", "gumbel", "jitter")
 
 
-def _over_blocks(function, tensor: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Apply `function(tensor, dim=0, **kwargs)` over the last (block) dimension of `tensor`.
+def _over_blocks(function, tensor: torch.Tensor) -> torch.Tensor:
+    """Apply `function(tensor, dim=0)` over the last (block) dimension of `tensor`.
 
     The block dimension holds only K entries. On the CPU, PyTorch's softmax and log-sum-exp over
     such a short last dimension measured about nine times slower than over a leading dimension
-    (6 x 4096 rows of 4, one thread). Moving the block dimension to the front is a view, and the
-    result keeps the input's dimension order; reductions drop the block dimension.
+    (6 x 4096 rows of 4, one thread). Moving the block dimension to the front is a view. The result
+    keeps the input's dimension order, and reductions drop the block dimension.
     """
-    result = function(tensor.movedim(-1, 0), dim=0, **kwargs)
+    result = function(tensor.movedim(-1, 0), dim=0)
     return result.movedim(0, -1) if result.dim() == tensor.dim() else result
 
 
